@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def _init_tiny(args: argparse.Namespace) -> None:
@@ -25,15 +24,9 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from dpojax.tiny import write_tiny_pipeline
+    from dpojax.demo import run_demo
 
-    out = Path(args.out)
-    model = out / "tiny-sdxl"
-    if not model.exists():
-        write_tiny_pipeline(model, arch="sdxl", seed=args.seed)
-        print(f"made a tiny random SDXL pipeline at {model}")
-    _sample(argparse.Namespace(model_dir=model, prompt=["a red cube on a table"], out=out / "samples",
-                               steps=10, guidance=5.0, eta=0.0, seed=args.seed, height=None, width=None))
+    run_demo(args.out, config_path=args.config, seed=args.seed, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,23 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the tiny end-to-end demo on CPU, made entirely locally")
     p.add_argument("--out", default="demo")
+    p.add_argument("--config", default="configs/tiny_sdxl_dpo.yaml")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="training steps (default: the config's)")
     p.set_defaults(run=_demo)
 
-    from dpojax.data.cli import register_cli
+    from dpojax.data.cli import register_cli as register_data
+    from dpojax.train.cli import register_cli as register_train
 
-    register_cli(sub)
+    register_data(sub)
+    register_train(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        return args.run(args) or 0
+    except (ValueError, ImportError, OSError, InterruptedError) as err:
         print(f"dpojax {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

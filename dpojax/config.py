@@ -110,6 +110,8 @@ class TrainConfig:
     keep_checkpoints: int = _field(3, _POSITIVE)
     log_every: int = _field(10, _POSITIVE)
     sample_every: int = _field(0, _NON_NEGATIVE)  # 0: never sample during training
+    export: Literal["pipeline", "unet", "none"] = "pipeline"  # written to <output_dir>/final at the end
+    debug_nan_at_step: int = _field(0, _NON_NEGATIVE)  # test hook: make this step's loss NaN (0: off)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,17 +138,20 @@ def _decode_to_uint8(vae: AutoencoderKL, latents: jax.Array) -> jax.Array:
     return jnp.round(unit * 255).astype(jnp.uint8).transpose(0, 2, 3, 1)
 
 
-@nnx.jit
-def _encode_sd(text_encoder, ids):
-    return text_encoder(ids).last_hidden_state
-
-
-@nnx.jit
-def _encode_sdxl(text_encoder, text_encoder_2, ids, ids_2):
-    out = text_encoder(ids, output_hidden_states=True)
-    out_2 = text_encoder_2(ids_2, output_hidden_states=True)
+def encode_text(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection | None,
+                input_ids: jax.Array, input_ids_2: jax.Array | None) -> TextConditioning:
+    """Token ids to conditioning as diffusers' pipelines do: SD1.x/2.x the last hidden state; SDXL (two
+    encoders) the penultimate hidden states of both, concatenated, and encoder 2's projected pooled output.
+    SDXL's ``time_ids`` depend on the image, not the text: the caller adds them."""
+    if text_encoder_2 is None:
+        return TextConditioning(text_encoder(input_ids).last_hidden_state)
+    out = text_encoder(input_ids, output_hidden_states=True)
+    out_2 = text_encoder_2(input_ids_2, output_hidden_states=True)
     hidden = jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2]], axis=-1)
-    return hidden, out_2.text_embeds
+    return TextConditioning(hidden, out_2.text_embeds)
+
+
+_encode_text = nnx.jit(encode_text)
 
 
 def _tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> jax.Array:
@@ -231,12 +234,12 @@ class Pipeline:
                       width: int | None = None) -> TextConditioning:
         """Encode as diffusers does (SD: last hidden state; SDXL: penultimate states, pooled, time ids)."""
         prompts = _as_prompt_list(prompts)
+        ids = _tokenize(self.tokenizer, prompts)
         if not self.is_sdxl:
-            return TextConditioning(_encode_sd(self.text_encoder, _tokenize(self.tokenizer, prompts)))
-        ids, ids_2 = _tokenize(self.tokenizer, prompts), _tokenize(self.tokenizer_2, prompts)
-        hidden, pooled = _encode_sdxl(self.text_encoder, self.text_encoder_2, ids, ids_2)
+            return _encode_text(self.text_encoder, None, ids, None)
+        cond = _encode_text(self.text_encoder, self.text_encoder_2, ids, _tokenize(self.tokenizer_2, prompts))
         height, width = self._resolve_size(height, width)
-        return TextConditioning(hidden, pooled, jnp.asarray(sdxl_time_ids(height, width, len(prompts))))
+        return dataclasses.replace(cond, time_ids=jnp.asarray(sdxl_time_ids(height, width, len(prompts))))
 
     def encode_negative(self, cond: TextConditioning, *, height: int | None = None,
                         width: int | None = None) -> TextConditioning:

@@ -1,8 +1,9 @@
 """CLIP text encoders (transformers' CLIPTextModel and CLIPTextModelWithProjection) in Flax NNX.
 
 transformers 5 dropped its Flax CLIP, and the online D3PO sampler must encode prompts on the accelerator, so
-the project owns these. Attribute paths equal transformers 5's in-memory state-dict keys: CLIPTextModel has
-no ``text_model.`` prefix, CLIPTextModelWithProjection keeps it (the importer also accepts 4.x files).
+the project owns these. Attribute paths equal transformers 5.23's state-dict keys, which are also the keys its
+``save_pretrained`` writes: CLIPTextModel has no ``text_model.`` prefix (4.x files have it; the importer and
+transformers 5 accept both), CLIPTextModelWithProjection keeps ``text_model.`` before the shared layers.
 """
 
 from __future__ import annotations
@@ -26,24 +27,30 @@ ACTIVATIONS = {
 
 
 class CLIPTextOutput(NamedTuple):
+    """transformers' output fields; ``hidden_states`` (embeddings, then each layer) only when asked."""
+
     last_hidden_state: jax.Array
     pooler_output: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
     text_embeds: jax.Array | None = None
 
 
+# CLIPTextConfig's defaults in transformers 5.23: a config.json means here exactly what it means there.
+CONFIG_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "projection_dim": 512,
+                   "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
+                   "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+
+
 def _resolved(config: Mapping[str, Any]) -> dict[str, Any]:
-    cfg = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "max_position_embeddings": 77,
-           "eos_token_id": 2, "projection_dim": 512, **config}
+    cfg = {**CONFIG_DEFAULTS, **config}
     if cfg["hidden_act"] not in ACTIVATIONS:
         raise ValueError(f"text encoder config: hidden_act={cfg['hidden_act']!r} is not supported "
                          f"(supported: {', '.join(ACTIVATIONS)})")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if key not in cfg:
-            raise ValueError(f"text encoder config: missing required key {key!r}")
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise ValueError(f"text encoder config: hidden_size={cfg['hidden_size']} is not divisible by "
                          f"num_attention_heads={cfg['num_attention_heads']}")
+    if not isinstance(cfg["eos_token_id"], int):  # pooling needs one id (transformers would fail later)
+        raise ValueError(f"text encoder config: eos_token_id={cfg['eos_token_id']!r} must be one integer")
     return cfg
 
 
@@ -54,6 +61,10 @@ class CLIPEmbeddings(nnx.Module):
         self.position_embedding = layers.embedding(cfg["max_position_embeddings"], cfg["hidden_size"], **kw)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
+        if input_ids.ndim != 2 or input_ids.shape[1] > self.position_embedding.num_embeddings:
+            raise ValueError(f"text encoder: input_ids must be (batch, tokens) with at most "
+                             f"{self.position_embedding.num_embeddings} tokens (max_position_embeddings), "
+                             f"got shape {input_ids.shape}")
         positions = jnp.arange(input_ids.shape[-1])
         return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
 
@@ -144,7 +155,6 @@ class CLIPTextModel(PretrainedMixin, CLIPTextTransformer):
         super().__init__(_resolved(config), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.config = FrozenConfig(config)
 
-
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  output_hidden_states: bool = False) -> CLIPTextOutput:
         return self.encode(input_ids, attention_mask, output_hidden_states)
@@ -161,7 +171,6 @@ class CLIPTextModelWithProjection(PretrainedMixin, nnx.Module):
         self.text_model = CLIPTextTransformer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.text_projection = layers.linear(cfg["hidden_size"], cfg["projection_dim"], bias=False, rngs=rngs,
                                              dtype=dtype, param_dtype=param_dtype)
-
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  output_hidden_states: bool = False) -> CLIPTextOutput:

@@ -1,0 +1,183 @@
+"""The offline Diffusion-DPO training loop: resume, step, log, checkpoint, stop cleanly, export.
+
+``train(config)`` continues from the latest checkpoint in ``<train.output_dir>/checkpoints`` when there is
+one (same parameters, optimizer state, step, PRNG key and data position, so the result is the one an
+uninterrupted run would give), saves every ``train.checkpoint_every`` optimizer steps and when SIGTERM or
+SIGINT arrives (preemption), stops with one line at the first non-finite loss without writing a checkpoint
+of the bad state, and at the end writes the final model to ``<output_dir>/final``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dpojax import parallel
+from dpojax.config import Config
+from dpojax.train.checkpoint import Checkpointer, abstract_like
+from dpojax.train.export import write_unet
+from dpojax.train.metrics import MetricsLog, mean_metrics
+from dpojax.train.optim import make_optimizer, opt_state_shardings
+from dpojax.train.state import TrainState, load_components, shardings_of
+from dpojax.train.step import device_batch, host_batch, make_step_functions
+
+
+class NonFiniteLoss(ValueError):
+    """Training hit a NaN/inf loss; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    step: int  # optimizer steps completed
+    run_dir: Path
+    interrupted_by: str | None = None  # signal name when stopped by SIGTERM/SIGINT
+    final: Path | None = None  # exported model folder
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between optimizer steps (checkpoint, then exit)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def make_loader(config: Config, pairs_per_process: int):
+    from dpojax.data.pipeline import PairLoaderConfig, make_pair_loader
+
+    data = config.data
+    if data.data_dir is None:
+        raise ValueError("config: data.data_dir must name the folder `dpojax data prepare` wrote, got null")
+    return make_pair_loader(PairLoaderConfig(
+        data_dir=data.data_dir, dataset=data.dataset, split=data.split, batch_size=pairs_per_process,
+        resolution=data.resolution, seed=config.train.seed, shuffle=data.shuffle, random_crop=data.random_crop,
+        flip=data.flip, caption_dropout=data.caption_dropout, time_ids=data.time_ids,
+        worker_count=data.worker_count))
+
+
+def train(config: Config, *, out=None) -> TrainResult:
+    """Run (or continue) the training run described by ``config``."""
+    out = out or sys.stdout
+    run_dir = Path(config.train.output_dir).absolute()
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    pairs_per_micro_batch = config.train.pairs_per_device * batch_devices
+    if pairs_per_micro_batch % jax.process_count():
+        raise ValueError(f"{pairs_per_micro_batch} pairs per micro-batch do not split over "
+                         f"{jax.process_count()} processes")
+    components, params, frozen = load_components(config, mesh)
+    tx, lr_schedule = make_optimizer(config.optim, config.learning_rate(batch_devices))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_shardings = shardings_of(params)
+    state_shardings = TrainState(replicated, param_shardings,
+                                 opt_state_shardings(tx, params, param_shardings, replicated), replicated)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    loader_iter = iter(make_loader(config, pairs_per_micro_batch // jax.process_count()))
+    latest = checkpointer.latest_step()
+    if latest is None:
+        opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+        key = jax.random.key_data(jax.random.key(config.train.seed))
+        state = jax.device_put(TrainState(jnp.int32(0), params, opt_state, key), state_shardings)
+    else:
+        target = abstract_like(TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                                          jax.eval_shape(tx.init, params),
+                                          jax.ShapeDtypeStruct((2,), jnp.uint32)), state_shardings)
+        del params  # the checkpoint replaces the pretrained weights: free them before restoring
+        state, meta = checkpointer.restore(latest, target)
+        loader_iter.set_state(meta["data_state"].encode())
+        print(f"resumed from {checkpointer.directory / str(latest)} (step {latest})", file=out, flush=True)
+    step_fns = make_step_functions(components, config, tx, lr_schedule, mesh, state_shardings,
+                                   shardings_of(frozen), parallel.batch_sharding(mesh))
+    start = int(jax.device_get(state.step))
+    log = MetricsLog(run_dir, config.logging, total_steps=config.train.steps, resume_step=start,
+                     run_config=config.to_dict(), out=out)
+    meta_base = {"config": config.to_dict(), "unet_config": components.unet_config}
+
+    def save(state: TrainState) -> None:
+        checkpointer.save(state, {**meta_base, "data_state": loader_iter.get_state().decode()})
+
+    stop = StopRequest()
+    try:
+        with stop.installed():
+            state = _run_steps(config, components, step_fns, state, frozen, loader_iter, log, save, stop,
+                               checkpointer, start, pairs_per_micro_batch * config.optim.grad_accum,
+                               parallel.batch_sharding(mesh))
+            step = int(jax.device_get(state.step))
+            if stop.signal_name is not None:
+                checkpointer.wait()
+                log.print(f"stopped by {stop.signal_name} at step {step}; checkpoint saved in "
+                          f"{checkpointer.directory / str(step)}")
+                return TrainResult(step, run_dir, interrupted_by=stop.signal_name)
+        checkpointer.wait()
+        final = None
+        if config.train.export != "none":
+            final = write_unet(nnx.merge(components.unet, state.params), run_dir / "final",
+                               config.train.export, config.model.pretrained)
+            log.print(f"exported the final {config.train.export} to {final}")
+        return TrainResult(step, run_dir, final=final)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        log.close()
+
+
+def _run_steps(config, components, step_fns, state, frozen, loader_iter, log, save, stop, checkpointer, start,
+               pairs_per_step, batch_sharding) -> TrainState:
+    total, grad_accum = config.train.steps, config.optim.grad_accum
+    accum = step_fns.zeros_accum(state.params) if step_fns.zeros_accum else None
+    window_start, window_steps = None, 0
+    for step in range(start, total):
+        micro_metrics = []
+        for micro in range(grad_accum):
+            batch = device_batch(host_batch(components, next(loader_iter)), batch_sharding)
+            micro_index = jnp.int32(micro)
+            if micro < grad_accum - 1:
+                accum, metrics = step_fns.accumulate(state, accum, frozen, batch, micro_index)
+            else:
+                state, accum, metrics = step_fns.update(state, accum, frozen, batch, micro_index)
+            micro_metrics.append(metrics)
+        metrics = mean_metrics(jax.device_get(micro_metrics))
+        done = step + 1
+        if not math.isfinite(metrics["loss"]):
+            checkpointer.wait()
+            last = checkpointer.latest_step()
+            kept = f"last good checkpoint: {checkpointer.directory / str(last)}" if last is not None else \
+                "no checkpoint was written"
+            raise NonFiniteLoss(f"non-finite loss ({metrics['loss']}) at step {done}; training stopped, {kept}")
+        now = time.perf_counter()
+        if window_start is None:  # the first step includes compilation: measure from its end
+            window_start, speed = now, None
+        else:
+            window_steps += 1
+            speed = pairs_per_step * window_steps / (now - window_start)
+        show = done % config.train.log_every == 0 or done == total or done == start + 1
+        log.write(done, metrics, pairs_per_second=speed, show=show)
+        every = config.train.checkpoint_every
+        if (every and done % every == 0) or done == total or stop.signal_name is not None:
+            save(state)
+        if stop.signal_name is not None:
+            break
+    return state

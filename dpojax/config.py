@@ -58,6 +58,7 @@ class DataConfig:
     """Names and values follow ``dpojax.data.pipeline.PairLoaderConfig``."""
 
     data_dir: str | None = None  # where `dpojax data prepare` wrote the TFDS dataset
+    cache_dir: str | None = None  # a `dpojax data encode` cache: the step then runs only the UNets
     dataset: str = "pickapic_v2/default"
     split: str = "train"
     resolution: int = _field(512, _POSITIVE)
@@ -109,7 +110,11 @@ class TrainConfig:
     checkpoint_every: int = _field(500, _NON_NEGATIVE)  # 0: only at the end (and on preemption)
     keep_checkpoints: int = _field(3, _POSITIVE)
     log_every: int = _field(10, _POSITIVE)
-    sample_every: int = _field(0, _NON_NEGATIVE)  # 0: never sample during training
+    sample_every: int = _field(0, _NON_NEGATIVE)  # write samples/step_N.png every N steps and at step 0 (0: never)
+    sample_prompts: tuple[str, ...] = ("a photo of a cat", "a bright sunny landscape", "a portrait of an astronaut",
+                                       "a bowl of fruit on a table")
+    sample_steps: int = _field(20, _POSITIVE)  # DDIM steps (eta 0) of the sample grids
+    sample_guidance: float = _field(5.0, _POSITIVE)
     export: Literal["pipeline", "unet", "none"] = "pipeline"  # written to <output_dir>/final at the end
     debug_nan_at_step: int = _field(0, _NON_NEGATIVE)  # test hook: make this step's loss NaN (0: off)
 

@@ -47,6 +47,10 @@ def run_demo(out: str | Path, *, config_path: str | Path = DEFAULT_CONFIG, seed:
 
 def generate_with_diffusers(pipeline_dir: str | Path, png: str | Path, *, seed: int = 0) -> Path:
     """Load an exported SDXL pipeline folder with diffusers' own PyTorch classes and write one image."""
+    import numpy as np
+
+    from dpojax.pipeline import write_png
+
     try:
         import torch
         from diffusers import StableDiffusionXLPipeline
@@ -56,8 +60,4 @@ def generate_with_diffusers(pipeline_dir: str | Path, png: str | Path, *, seed: 
     pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, local_files_only=True)
     image = pipe(DEMO_PROMPT, num_inference_steps=10, guidance_scale=5.0, output_type="pil",
                  generator=torch.Generator().manual_seed(seed)).images[0]
-    png = Path(png)
-    tmp = png.with_suffix(".tmp.png")
-    image.save(tmp)
-    tmp.replace(png)
-    return png
+    return write_png(np.asarray(image), png)

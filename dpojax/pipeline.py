@@ -283,20 +283,22 @@ class Pipeline:
         return (images, trajectory) if return_trajectory else images
 
 
+def write_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write one uint8 HWC image; the file appears whole or not at all (a temp file renamed into place)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(np.asarray(image)).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_images(images: np.ndarray, out_dir: str | Path, prefix: str) -> list[Path]:
-    """Write uint8 NHWC images as ``{prefix}_{i:04d}.png``; each file appears whole or not at all."""
+    """Write uint8 NHWC images as ``{prefix}_{i:04d}.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(np.asarray(images)):
-        path = out_dir / f"{prefix}_{i:04d}.png"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                Image.fromarray(image).save(f, format="PNG")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        paths.append(path)
-    return paths
+    return [write_png(image, out_dir / f"{prefix}_{i:04d}.png") for i, image in enumerate(np.asarray(images))]

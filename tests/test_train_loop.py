@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file
 
-from dpojax import parallel
+from dpojax import cli, parallel
 from dpojax.config import ConfigError, load_config
 from dpojax.data.pickapic import prepare_pickapic
 from dpojax.data.pipeline import PairLoaderConfig, make_pair_loader
 from dpojax.data.synth import write_synthetic_pickapic
 from dpojax.models import UNet2DConditionModel
 from dpojax.tiny import write_tiny_pipeline
-from dpojax.train import cli
 from dpojax.train.evaluate import implicit_accuracy
 from dpojax.train.state import load_components, split_params
 
@@ -48,7 +48,8 @@ def overrides(workdir: Path, run: str, **extra) -> list[str]:
     values = {"model.pretrained": workdir / "tiny-sdxl", "data.data_dir": workdir / "pairs",
               "train.output_dir": workdir / run, "train.steps": STEPS, "train.checkpoint_every": 1,
               "train.keep_checkpoints": 10, "train.log_every": 1, "train.pairs_per_device": PAIRS,
-              "train.export": "unet", "logging.tensorboard": False, "optim.warmup_steps": 2, **extra}
+              "train.export": "unet", "logging.tensorboard": False, "train.sample_every": 0,
+              "optim.warmup_steps": 2, **extra}
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -57,7 +58,7 @@ def start(workdir: Path, run: str, devices: int = 1, **extra) -> subprocess.Pope
            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     log = open(workdir / f"{run}.log", "a")  # noqa: SIM115  (closed when the process is waited for)
-    cmd = [sys.executable, "-m", "dpojax.train.cli", "train", str(CONFIG), *overrides(workdir, run, **extra)]
+    cmd = [sys.executable, "-m", "dpojax.cli", "train", str(CONFIG), *overrides(workdir, run, **extra)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
 
 
@@ -90,7 +91,8 @@ def final_unet(run_dir: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(workdir):
-    rc, log = finish(start(workdir, "uninterrupted"), workdir, "uninterrupted")
+    proc = start(workdir, "uninterrupted", **{"logging.tensorboard": True, "train.sample_every": STEPS // 2})
+    rc, log = finish(proc, workdir, "uninterrupted")
     assert rc == 0, log
     return workdir / "uninterrupted"
 
@@ -110,6 +112,10 @@ def test_uninterrupted_run_logs_and_exports(uninterrupted):
         assert all(np.isfinite(r[key]) for r in records), key
     assert records[-1]["loss"] != records[0]["loss"]
     assert steps_saved(uninterrupted)[-1] == STEPS
+    grids = sorted(p.name for p in (uninterrupted / "samples").iterdir())
+    assert grids == [f"step_{s:06d}.png" for s in (0, STEPS // 2, STEPS)]
+    assert Image.open(uninterrupted / "samples" / grids[0]).size == (32 * 4, 32)  # 4 prompts of 32 px
+    assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
     from diffusers import UNet2DConditionModel as TorchUNet  # the export loads in diffusers
 
     TorchUNet.from_pretrained(uninterrupted / "final")

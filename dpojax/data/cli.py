@@ -1,4 +1,4 @@
-"""The `dpojax data synth OUT` and `dpojax data prepare SRC OUT` commands; `register_cli` adds them."""
+"""The `dpojax data synth`, `data prepare` and `data encode` commands; `register_cli` adds them."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                      splits=splits)
 
 
+def cmd_encode(args: argparse.Namespace) -> None:
+    from dpojax.config import load_config
+    from dpojax.data.cache import encode_cache
+
+    encode_cache(load_config(args.config, args.overrides), args.out, store_dtype=args.dtype)
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` command group to the ``dpojax`` parser; each leaf sets ``run``."""
     data = subparsers.add_parser("data", help="Pick-a-Pic data: synthetic shards and the TFDS build")
@@ -50,3 +57,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dreamlike-only", action="store_true", help="only pairs whose models both say 'dream'")
     p.add_argument("--splits", default=",".join(DEFAULT_SPLITS), help="comma-separated splits to build")
     p.set_defaults(run=cmd_prepare)
+
+    p = sub.add_parser("encode", help="cache VAE latent distributions and text embeddings for training")
+    p.add_argument("config", help="the training config: model.*, data.* and mesh.* say what to encode and how")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--out", required=True, help="new cache folder; train with data.cache_dir=<it>")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="storage dtype of the cached arrays")
+    p.set_defaults(run=cmd_encode)

@@ -28,6 +28,7 @@ from dpojax.train.checkpoint import Checkpointer, abstract_like
 from dpojax.train.export import write_unet
 from dpojax.train.metrics import MetricsLog, mean_metrics
 from dpojax.train.optim import make_optimizer, opt_state_shardings
+from dpojax.train.samples import write_sample_grid
 from dpojax.train.state import TrainState, load_components, shardings_of
 from dpojax.train.step import device_batch, host_batch, make_step_functions
 
@@ -69,6 +70,10 @@ def make_loader(config: Config, pairs_per_process: int):
     from dpojax.data.pipeline import PairLoaderConfig, make_pair_loader
 
     data = config.data
+    if data.cache_dir is not None:
+        from dpojax.data.cache import make_cached_loader
+
+        return make_cached_loader(config, pairs_per_process)
     if data.data_dir is None:
         raise ValueError("config: data.data_dir must name the folder `dpojax data prepare` wrote, got null")
     return make_pair_loader(PairLoaderConfig(
@@ -119,10 +124,16 @@ def train(config: Config, *, out=None) -> TrainResult:
     def save(state: TrainState) -> None:
         checkpointer.save(state, {**meta_base, "data_state": loader_iter.get_state().decode()})
 
+    def sample(state: TrainState, step: int) -> None:
+        path = write_sample_grid(config, components, nnx.merge(components.unet, state.params), frozen, step,
+                                 run_dir)
+        if path is not None:
+            log.print(f"wrote the sample grid {path}")
+
     stop = StopRequest()
     try:
         with stop.installed():
-            state = _run_steps(config, components, step_fns, state, frozen, loader_iter, log, save, stop,
+            state = _run_steps(config, components, step_fns, state, frozen, loader_iter, log, save, sample, stop,
                                checkpointer, start, pairs_per_micro_batch * config.optim.grad_accum,
                                parallel.batch_sharding(mesh))
             step = int(jax.device_get(state.step))
@@ -144,9 +155,11 @@ def train(config: Config, *, out=None) -> TrainResult:
         log.close()
 
 
-def _run_steps(config, components, step_fns, state, frozen, loader_iter, log, save, stop, checkpointer, start,
-               pairs_per_step, batch_sharding) -> TrainState:
-    total, grad_accum = config.train.steps, config.optim.grad_accum
+def _run_steps(config, components, step_fns, state, frozen, loader_iter, log, save, sample, stop, checkpointer,
+               start, pairs_per_step, batch_sharding) -> TrainState:
+    total, grad_accum, sample_every = config.train.steps, config.optim.grad_accum, config.train.sample_every
+    if sample_every and start == 0:
+        sample(state, 0)  # the starting point: the reference model's images
     accum = step_fns.zeros_accum(state.params) if step_fns.zeros_accum else None
     window_start, window_steps = None, 0
     for step in range(start, total):
@@ -178,6 +191,8 @@ def _run_steps(config, components, step_fns, state, frozen, loader_iter, log, sa
         every = config.train.checkpoint_every
         if (every and done % every == 0) or done == total or stop.signal_name is not None:
             save(state)
+        if sample_every and done % sample_every == 0:
+            sample(state, done)
         if stop.signal_name is not None:
             break
     return state

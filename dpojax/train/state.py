@@ -96,15 +96,35 @@ def check_supported(config: Config) -> None:
                           f"(choose one of {', '.join(REMAT)})")
 
 
+def load_encoders(config: Config, mesh: jax.sharding.Mesh, is_sdxl: bool):
+    """The frozen VAE and text encoder(s) of ``model.pretrained`` (or ``model.vae``), sharded over ``mesh``.
+
+    Returns (vae module, (vae, text_encoder, text_encoder_2 or None) graphs, params dict keyed by those names).
+    """
+    from dpojax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+    from dpojax.models.vae import AutoencoderKL
+
+    folder = Path(config.model.pretrained)
+    load = dict(dtype=DTYPES[config.model.reference_dtype], compute_dtype=DTYPES[config.model.dtype], mesh=mesh)
+    params: dict[str, dict] = {}
+    vae_folder, vae_sub = (config.model.vae, None) if config.model.vae else (folder, "vae")
+    vae = AutoencoderKL.from_pretrained(vae_folder, vae_sub, **load)
+    vae_graph, params["vae"] = split_params(vae)
+    te_graph, params["text_encoder"] = split_params(CLIPTextModel.from_pretrained(folder, "text_encoder", **load))
+    te2_graph = None
+    if is_sdxl:
+        te2_graph, params["text_encoder_2"] = split_params(
+            CLIPTextModelWithProjection.from_pretrained(folder, "text_encoder_2", **load))
+    return vae, (vae_graph, te_graph, te2_graph), params
+
+
 def load_components(config: Config, mesh: jax.sharding.Mesh) -> tuple[Components, dict, dict]:
     """Load every model of ``model.pretrained`` sharded over ``mesh``.
 
     Returns (components, policy params, frozen params); frozen holds "vae", "text_encoder",
     ("text_encoder_2",) and, unless the loss is reference-free, "reference".
     """
-    from dpojax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
     from dpojax.models.unet import UNet2DConditionModel
-    from dpojax.models.vae import AutoencoderKL
 
     check_supported(config)
     folder = Path(config.model.pretrained)
@@ -121,15 +141,8 @@ def load_components(config: Config, mesh: jax.sharding.Mesh) -> tuple[Components
     if config.loss.type not in REFERENCE_FREE_LOSSES:
         reference_graph, frozen["reference"] = split_params(
             UNet2DConditionModel.from_pretrained(folder, "unet", dtype=frozen_dtype, **load))
-    vae_folder, vae_sub = (config.model.vae, None) if config.model.vae else (folder, "vae")
-    vae = AutoencoderKL.from_pretrained(vae_folder, vae_sub, dtype=frozen_dtype, **load)
-    vae_graph, frozen["vae"] = split_params(vae)
-    te_graph, frozen["text_encoder"] = split_params(
-        CLIPTextModel.from_pretrained(folder, "text_encoder", dtype=frozen_dtype, **load))
-    te2_graph = None
-    if is_sdxl:
-        te2_graph, frozen["text_encoder_2"] = split_params(
-            CLIPTextModelWithProjection.from_pretrained(folder, "text_encoder_2", dtype=frozen_dtype, **load))
+    vae, (vae_graph, te_graph, te2_graph), encoder_params = load_encoders(config, mesh, is_sdxl)
+    frozen.update(encoder_params)
     schedule = sched.NoiseSchedule.from_config(
         json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
     components = Components(

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dpojax import losses
 from dpojax import schedule as sched
 from dpojax.config import Config, LossConfig
+from dpojax.models.vae import DiagonalGaussian
 from dpojax.pipeline import TextConditioning, encode_text
 from dpojax.train.state import Components, TrainState
 
@@ -49,14 +50,19 @@ def text_conditioning(components: Components, frozen: dict, input_ids: jax.Array
     return encode_text(encoder, encoder_2, input_ids, input_ids_2 if components.is_sdxl else None)
 
 
+def unet_latents(components: Components, posterior: DiagonalGaussian, key: jax.Array) -> jax.Array:
+    """A draw from the VAE posterior, as fp32 latents in the UNet's scale (shift, then scale, as diffusers)."""
+    latents = posterior.sample(key).astype(jnp.float32)
+    if components.vae_shift_factor is not None:
+        latents = latents - components.vae_shift_factor
+    return latents * components.vae_scaling_factor
+
+
 def encode_images(components: Components, vae_params: dict, images: jax.Array, key: jax.Array) -> jax.Array:
     """NHWC pixels in [-1, 1] → fp32 NCHW latents in the UNet's scale (a sample of the posterior)."""
     vae = nnx.merge(components.vae, vae_params)
     pixels = jnp.transpose(images, (0, 3, 1, 2)).astype(components.compute_dtype)
-    latents = vae.encode(pixels).sample(key).astype(jnp.float32)
-    if components.vae_shift_factor is not None:
-        latents = latents - components.vae_shift_factor
-    return latents * components.vae_scaling_factor
+    return unet_latents(components, vae.encode(pixels), key)
 
 
 def denoiser_mse(graph: nnx.GraphDef, params: dict, components: Components, noisy: jax.Array,
@@ -102,12 +108,18 @@ def micro_batch_inputs(components: Components, frozen: dict, batch: dict, key: j
     Noise and timestep are drawn once per pair and repeated for its images; so is the text conditioning.
     """
     vae_key, noise_key, t_key = jax.random.split(key, 3)
-    pixels = batch["pixels"][:, :images_per_pair]
-    num_pairs = pixels.shape[0]
-    latents = encode_images(components, frozen["vae"], pixels.reshape((-1,) + pixels.shape[2:]), vae_key)
+    if "latent_mean" in batch:  # a `dpojax data encode` cache: stored posterior moments and text encodings
+        moments = [batch[k][:, :images_per_pair] for k in ("latent_mean", "latent_logvar")]
+        moments = jnp.concatenate([m.reshape((-1,) + m.shape[2:]) for m in moments], axis=1)
+        latents = unet_latents(components, DiagonalGaussian.from_moments(moments), vae_key)
+        cond = TextConditioning(batch["hidden"], batch.get("pooled"))
+    else:
+        pixels = batch["pixels"][:, :images_per_pair]
+        latents = encode_images(components, frozen["vae"], pixels.reshape((-1,) + pixels.shape[2:]), vae_key)
+        cond = text_conditioning(components, frozen, batch["input_ids"], batch.get("input_ids_2"))
+    num_pairs = latents.shape[0] // images_per_pair
     noise = jax.random.normal(noise_key, (num_pairs,) + latents.shape[1:], jnp.float32)
     timesteps = jax.random.randint(t_key, (num_pairs,), 0, components.schedule.num_train_timesteps)
-    cond = text_conditioning(components, frozen, batch["input_ids"], batch.get("input_ids_2"))
     cond = jax.tree.map(lambda x: jnp.repeat(x, images_per_pair, axis=0), cond)
     if components.is_sdxl:  # per image: the two images of a pair may differ in size and crop
         time_ids = batch["time_ids"][:, :images_per_pair]
@@ -189,7 +201,9 @@ def tokenize(tokenizer, captions) -> np.ndarray:
 
 
 def host_batch(components: Components, batch: dict) -> dict[str, np.ndarray]:
-    """A loader batch → the arrays the step takes (captions become token ids)."""
+    """A loader batch → the arrays the step takes (captions become token ids; cached arrays pass as they are)."""
+    if "latent_mean" in batch:
+        return {k: np.asarray(v, np.float32) for k, v in batch.items()}
     out = {"pixels": np.asarray(batch["pixels"], np.float32),
            "input_ids": tokenize(components.tokenizer, batch["captions"])}
     if components.is_sdxl:

@@ -1,0 +1,52 @@
+"""Periodic sample grids: the policy's images for fixed prompts and a fixed seed, so grids of different steps
+of a run (and of different runs) are directly comparable. Step 0's grid is the reference model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dpojax.config import Config
+from dpojax.pipeline import Pipeline, write_png
+from dpojax.train.state import Components
+
+
+def policy_pipeline(components: Components, unet: nnx.Module, frozen: dict) -> Pipeline:
+    """A sampling pipeline around the trained UNet and the frozen encoders/decoder the step already holds."""
+    return Pipeline(
+        unet=unet, vae=nnx.merge(components.vae, frozen["vae"]),
+        text_encoder=nnx.merge(components.text_encoder, frozen["text_encoder"]), tokenizer=components.tokenizer,
+        schedule=components.schedule, is_sdxl=components.is_sdxl,
+        text_encoder_2=(nnx.merge(components.text_encoder_2, frozen["text_encoder_2"])
+                        if components.is_sdxl else None),
+        tokenizer_2=components.tokenizer_2, force_zeros_for_empty_prompt=components.is_sdxl)
+
+
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) images tiled row-major into one (rows*H, columns*W, 3) image; gaps stay black."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, columns * w, c), np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    return grid
+
+
+def write_sample_grid(config: Config, components: Components, unet: nnx.Module, frozen: dict, step: int,
+                      run_dir: Path) -> Path | None:
+    """Sample ``train.sample_prompts`` and write ``samples/step_{step:06d}.png`` (process 0 writes; every
+    process runs the sampler, whose parameters may be spread over all of them)."""
+    train = config.train
+    pipe = policy_pipeline(components, unet, frozen)
+    size = config.data.resolution
+    images = pipe.sample(list(train.sample_prompts), num_steps=train.sample_steps,
+                         guidance_scale=train.sample_guidance, seed=train.seed, height=size, width=size)
+    if jax.process_index() != 0:
+        return None
+    out_dir = run_dir / "samples"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_png(image_grid(images, columns=len(images)), out_dir / f"step_{step:06d}.png")

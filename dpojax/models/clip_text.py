@@ -16,14 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpojax.models import layers
-from dpojax.models.attention import attention
+from dpojax.models.clip_encoder import CLIPEncoder, check_encoder_config
 from dpojax.models.frozen_config import FrozenConfig
 from dpojax.weights.pretrained import PretrainedMixin
-
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP-L (SD1.x, SDXL encoder 1)
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # OpenCLIP bigG (SDXL encoder 2)
-}
 
 
 class CLIPTextOutput(NamedTuple):
@@ -43,12 +38,7 @@ CONFIG_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size":
 
 def _resolved(config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = {**CONFIG_DEFAULTS, **config}
-    if cfg["hidden_act"] not in ACTIVATIONS:
-        raise ValueError(f"text encoder config: hidden_act={cfg['hidden_act']!r} is not supported "
-                         f"(supported: {', '.join(ACTIVATIONS)})")
-    if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        raise ValueError(f"text encoder config: hidden_size={cfg['hidden_size']} is not divisible by "
-                         f"num_attention_heads={cfg['num_attention_heads']}")
+    check_encoder_config(cfg, "text encoder")
     if not isinstance(cfg["eos_token_id"], int):  # pooling needs one id (transformers would fail later)
         raise ValueError(f"text encoder config: eos_token_id={cfg['eos_token_id']!r} must be one integer")
     return cfg
@@ -69,56 +59,6 @@ class CLIPEmbeddings(nnx.Module):
         return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
 
 
-class CLIPAttention(nnx.Module):
-    def __init__(self, cfg: dict, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        dim = cfg["hidden_size"]
-        self.heads = cfg["num_attention_heads"]
-        self.k_proj = layers.linear(dim, dim, **kw)
-        self.v_proj = layers.linear(dim, dim, **kw)
-        self.q_proj = layers.linear(dim, dim, **kw)
-        self.out_proj = layers.linear(dim, dim, **kw)
-
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        b, t, d = x.shape
-        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
-        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                        is_causal=True, mask=mask)
-        return self.out_proj(out.reshape(b, t, d))
-
-
-class CLIPMLP(nnx.Module):
-    def __init__(self, cfg: dict, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.act = cfg["hidden_act"]
-        self.fc1 = layers.linear(cfg["hidden_size"], cfg["intermediate_size"], **kw)
-        self.fc2 = layers.linear(cfg["intermediate_size"], cfg["hidden_size"], **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
-
-
-class CLIPEncoderLayer(nnx.Module):
-    """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-
-    def __init__(self, cfg: dict, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.self_attn = CLIPAttention(cfg, **kw)
-        self.layer_norm1 = layers.layer_norm(cfg["hidden_size"], cfg["layer_norm_eps"], **kw)
-        self.mlp = CLIPMLP(cfg, **kw)
-        self.layer_norm2 = layers.layer_norm(cfg["hidden_size"], cfg["layer_norm_eps"], **kw)
-
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPEncoder(nnx.Module):
-    def __init__(self, cfg: dict, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for _ in range(cfg["num_hidden_layers"])])
-
-
 class CLIPTextTransformer(nnx.Module):
     """Embeddings, causal encoder and final layer norm; pools the hidden state at the end-of-text token."""
 
@@ -126,7 +66,7 @@ class CLIPTextTransformer(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.eos_token_id = cfg["eos_token_id"]
         self.embeddings = CLIPEmbeddings(cfg, **kw)
-        self.encoder = CLIPEncoder(cfg, **kw)
+        self.encoder = CLIPEncoder(cfg, causal=True, **kw)
         self.final_layer_norm = layers.layer_norm(cfg["hidden_size"], cfg["layer_norm_eps"], **kw)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -1,0 +1,115 @@
+"""The LAION aesthetic predictor (DDPO/D3PO's "aesthetic" reward): a linear MLP on unit-norm CLIP ViT-L/14 image
+embeddings, read from local files the user points to.
+
+The head is https://github.com/christophschuhmann/improved-aesthetic-predictor's ``MLP``: Linear layers
+768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between (inactive at inference) and no nonlinearity. Its
+``sac+logos+ava1-l14-linearMSE.pth`` is a PyTorch state dict (``layers.{0,2,4,6,7}.{weight,bias}``); the same keys
+in a .safetensors file are read without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from dpojax.models import layers
+from dpojax.models.clip_vision import CLIPVisionModelWithProjection, clip_preprocess, load_clip_vision
+from dpojax.weights import naming
+
+HEAD_WIDTHS = (1024, 128, 64, 16, 1)
+HEAD_LINEAR_INDICES = (0, 2, 4, 6, 7)  # positions of the Linear layers in the PyTorch nn.Sequential
+
+
+class AestheticHead(nnx.Module):
+    """``layers`` keeps the nn.Sequential indices (None where PyTorch has a Dropout) so the state dict loads by
+    name."""
+
+    def __init__(self, embed_dim: int = 768, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        dims = (embed_dim, *HEAD_WIDTHS)
+        linears = iter(layers.linear(i, o, rngs=rngs, param_dtype=param_dtype)
+                       for i, o in zip(dims, dims[1:], strict=False))
+        self.layers = nnx.List([next(linears) if i in HEAD_LINEAR_INDICES else None
+                                for i in range(HEAD_LINEAR_INDICES[-1] + 1)])
+
+    def __call__(self, embeds: jax.Array) -> jax.Array:
+        for index in HEAD_LINEAR_INDICES:
+            embeds = self.layers[index](embeds)
+        return embeds[..., 0]
+
+
+def read_head_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """The head's tensors from a .safetensors file, or from the original .pth (needs torch)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"aesthetic head weights {path} do not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"aesthetic head weights {path} cannot be read: {err}") from None
+    if path.suffix not in (".pth", ".pt", ".bin"):
+        raise ValueError(f"aesthetic head weights {path}: expected a .safetensors or .pth file")
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"aesthetic head weights {path}: reading a .pth file needs PyTorch, which is not "
+                         f"installed; install torch or convert the state dict to .safetensors") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise ValueError(f"aesthetic head weights {path} cannot be read by torch.load: {err}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"aesthetic head weights {path} is not a state dict (found {type(state).__name__})")
+    return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def load_head(path: str | Path) -> AestheticHead:
+    state = read_head_state_dict(path)
+    first = state.get("layers.0.weight")
+    if first is None or np.ndim(first) != 2:
+        raise ValueError(f"aesthetic head weights {path} have no 2-d 'layers.0.weight' "
+                         f"(keys: {', '.join(sorted(state)[:8])})")
+    head = nnx.eval_shape(lambda: AestheticHead(int(first.shape[1]), rngs=nnx.Rngs(0)))
+    naming.load_state_dict(head, state, f"aesthetic head {path}")
+    return head
+
+
+def aesthetic_scores(clip: CLIPVisionModelWithProjection, head: AestheticHead, images: jax.Array) -> jax.Array:
+    """uint8 (N, H, W, 3) -> (N,) scores: head(CLIP image embedding / its L2 norm), as DDPO's scorer."""
+    embeds = clip(clip_preprocess(images, clip.config["image_size"])).image_embeds.astype(jnp.float32)
+    return head(embeds / jnp.linalg.norm(embeds, axis=-1, keepdims=True))
+
+
+class AestheticScorer:
+    """A Scorer: runs ``aesthetic_scores`` under jit in fixed-size batches (one compilation per image size)."""
+
+    def __init__(self, clip: CLIPVisionModelWithProjection, head: AestheticHead, batch_size: int = 16):
+        embed_dim = head.layers[0].in_features
+        if clip.visual_projection.out_features != embed_dim:
+            raise ValueError(f"aesthetic head takes {embed_dim}-d embeddings, the CLIP model gives "
+                             f"{clip.visual_projection.out_features}-d (the LAION head needs CLIP ViT-L/14)")
+        if int(batch_size) < 1:
+            raise ValueError(f"aesthetic scorer: batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self._graph, self._state = nnx.split((clip, head))
+        self._score = jax.jit(lambda state, images: aesthetic_scores(*nnx.merge(self._graph, state), images))
+
+    @classmethod
+    def from_files(cls, clip_model: str | Path, head: str | Path, batch_size: int = 16) -> AestheticScorer:
+        return cls(load_clip_vision(clip_model), load_head(head), batch_size=batch_size)
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str] = ()) -> np.ndarray:
+        images = np.asarray(images)
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            padded = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch), axis=0)])
+            out.append(np.asarray(self._score(self._state, padded))[:len(batch)])
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)

@@ -1,8 +1,8 @@
 """Attention and the spatial transformer of the SD/SDXL UNet (diffusers' Attention, BasicTransformerBlock,
 Transformer2DModel), plus the single-head spatial self-attention of the VAE mid block.
 
-All attention math goes through :func:`attention` so the kernel (XLA, cuDNN, a TPU splash kernel) can be
-chosen in one place.
+All attention math goes through :func:`attention`, so the kernel (XLA, cuDNN, a TPU splash kernel; see
+``attention_kernels``) is chosen in one place; :func:`configure_attention` sets it on a built model.
 """
 
 from __future__ import annotations
@@ -10,22 +10,33 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
+from dpojax.models import attention_kernels as kernels
 from dpojax.models import layers
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False, is_causal: bool = False,
-              mask: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
+              mask: jax.Array | None = None, kernel: str = "auto", mesh: Mesh | None = None) -> jax.Array:
     """Softmax attention over (batch, tokens, heads, head_dim) arrays, scaled by 1/sqrt(head_dim).
 
     ``upcast`` computes scores and softmax in fp32 (SD2.x ``upcast_attention``: bf16 scores overflow there).
-    ``is_causal`` and a boolean ``mask`` (True = attend) serve the CLIP text encoders.
+    ``is_causal`` and a boolean ``mask`` (True = attend) serve the CLIP text encoders. ``kernel`` and ``mesh``
+    pick the implementation (``dpojax.models.attention_kernels``).
     """
     dtype = q.dtype
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                        implementation=implementation).astype(dtype)
+    return kernels.attention(q, k, v, kernel=kernel, mask=mask, is_causal=is_causal, mesh=mesh).astype(dtype)
+
+
+def configure_attention(module: nnx.Module, kernel: str, mesh: Mesh | None = None) -> nnx.Module:
+    """Make every :class:`Attention` inside ``module`` use ``kernel`` (``mesh``: where splash runs per device)."""
+    kernels.check_kernel(kernel)
+    for _, sub in nnx.iter_modules(module):
+        if isinstance(sub, Attention):
+            sub.kernel, sub.mesh = kernel, mesh
+    return module
 
 
 class Attention(nnx.Module):
@@ -42,12 +53,13 @@ class Attention(nnx.Module):
         self.to_v = layers.linear(context_dim, inner, bias=bias, **kw)
         self.to_out = nnx.List([layers.linear(inner, query_dim, **kw)])  # index 1 is a parameter-free Dropout
         self.heads, self.upcast = heads, upcast
+        self.kernel, self.mesh = "auto", None  # see configure_attention
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         context = x if context is None else context
         split = lambda t: t.reshape(*t.shape[:2], self.heads, -1)  # noqa: E731
         out = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)),
-                        upcast=self.upcast)
+                        upcast=self.upcast, kernel=self.kernel, mesh=self.mesh)
         return self.to_out[0](out.reshape(*out.shape[:2], -1))
 
 

@@ -7,7 +7,7 @@ implement are refused with a ValueError naming the option, never silently ignore
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -160,7 +160,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
     weights_layout = "diffusers"
 
     def __init__(self, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 remat: bool = False):
+                 remat: bool | Callable = False):
         cfg = resolve_unet_config(config)
         self.config = FrozenConfig(config)
         self.remat = remat
@@ -228,9 +228,13 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
 
 
     def _run(self, block: nnx.Module, *args, **static):
-        """Call a block, through ``nnx.remat`` when per-block rematerialisation is on."""
+        """Call a block, through ``nnx.remat`` when per-block rematerialisation is on (``remat`` True keeps
+        nothing inside the block for the backward pass; a ``jax.checkpoint_policies`` policy keeps what it
+        names)."""
         fn = functools.partial(_call_block, **static)
-        return (nnx.remat(fn) if self.remat else fn)(block, *args)
+        if not self.remat:
+            return fn(block, *args)
+        return nnx.remat(fn, policy=None if self.remat is True else self.remat)(block, *args)
 
     def _condition(self, timestep, batch: int,
                    added_cond_kwargs: Mapping[str, jax.Array] | None) -> jax.Array:

@@ -92,9 +92,18 @@ def load_pretrained(cls: type, folder: str | Path, subfolder: str | None = None,
     return nnx.merge(graphdef, params)
 
 
-def abstract_module(cls: type, config: Mapping, **kwargs) -> nnx.Module:
-    """``cls.from_config(config, **kwargs)`` with shapes only (``nnx.eval_shape``), no parameter memory."""
-    return nnx.eval_shape(lambda: cls.from_config(config, rngs=_host_counted(nnx.Rngs(0)), **kwargs))
+def abstract_module(cls: type, config: Mapping, *, adapt: Callable | None = None, **kwargs) -> nnx.Module:
+    """``cls.from_config(config, **kwargs)`` with shapes only (``nnx.eval_shape``), no parameter memory.
+
+    ``adapt(module, rngs) -> module``, if given, edits the model in the same abstract evaluation (e.g.
+    ``dpojax.models.lora.add_lora``).
+    """
+    def build():
+        rngs = _host_counted(nnx.Rngs(0))
+        module = cls.from_config(config, rngs=rngs, **kwargs)
+        return module if adapt is None else adapt(module, rngs)
+
+    return nnx.eval_shape(build)
 
 
 def _host_counted(rngs: nnx.Rngs) -> nnx.Rngs:

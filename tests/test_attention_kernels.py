@@ -1,0 +1,125 @@
+"""The attention-kernel registry: every kernel computes softmax attention as a float64 NumPy definition does,
+the fallbacks happen where a kernel cannot take a call, and the choice is recorded once."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dpojax import parallel
+from dpojax.config import ConfigError, load_config
+from dpojax.models import UNet2DConditionModel
+from dpojax.models import attention_kernels as kernels
+from dpojax.models.attention import Attention, BasicTransformerBlock, configure_attention
+from dpojax.tiny import UNET_SDXL
+
+
+def reference_attention(q, k, v, mask=None):
+    """The definition in float64, (B, T, H, D) layout; ``mask`` broadcasts to (B, H, T, S), True = attend."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    scores = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return np.einsum("bhts,bshd->bthd", weights / weights.sum(axis=-1, keepdims=True), v)
+
+
+def qkv(batch, q_len, kv_len, heads, head_dim, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal((batch, n, heads, head_dim), dtype=np.float32) * 2
+                 for n in (q_len, kv_len, kv_len))
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(64, 64), (64, 77)])  # UNet self- and cross-attention shapes
+def test_xla_kernel_matches_the_definition(q_len, kv_len):
+    q, k, v = qkv(2, q_len, kv_len, heads=4, head_dim=16)
+    out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, kernel="xla"))(q, k, v)
+    assert rel_err(out, reference_attention(q, k, v)) < 1e-5
+
+
+def test_xla_kernel_with_causal_and_padding_masks_matches_the_definition():
+    q, k, v = qkv(2, 7, 7, heads=2, head_dim=8)
+    causal = np.tril(np.ones((7, 7), bool))
+    out = kernels.attention(q, k, v, is_causal=True)
+    assert rel_err(out, reference_attention(q, k, v, causal)) < 1e-5
+    keep = np.ones((2, 1, 1, 7), bool)
+    keep[1, ..., 5:] = False  # second row: the last two tokens are padding
+    out = kernels.attention(q, k, v, mask=jnp.asarray(keep))
+    assert rel_err(out, reference_attention(q, k, v, keep)) < 1e-5
+
+
+def test_splash_kernel_inside_shard_map_matches_the_definition_and_xla_gradients():
+    """The Pallas TPU kernel in interpreter mode, per device over the 8 fake devices' batch axis; its custom
+    backward kernels against XLA's autodiff."""
+    mesh = parallel.make_mesh(data=1, fsdp=-1)
+    q, k, v = qkv(8, 128, 128, heads=2, head_dim=16, seed=1)  # head_dim 16: padded to 128 lanes inside
+    splash = jax.jit(lambda q, k, v: kernels.splash_attention(q, k, v, mesh=mesh, interpret=True))
+    assert rel_err(splash(q, k, v), reference_attention(q, k, v)) < 1e-5
+
+    cotangent = np.random.default_rng(2).standard_normal(q.shape, dtype=np.float32)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent), argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(grads(lambda *a: kernels.splash_attention(*a, mesh=mesh, interpret=True)),
+                         grads(kernels.xla_attention), strict=True):
+        assert rel_err(got, np.asarray(want, np.float64)) < 1e-4
+
+
+def test_auto_picks_the_platform_kernel():
+    assert kernels.resolve("auto", "gpu") == "cudnn"
+    assert kernels.resolve("auto", "tpu") == "splash"
+    assert kernels.resolve("auto", "cpu") == "xla"
+    assert kernels.resolve("splash", "cpu") == "splash"
+
+
+@pytest.mark.parametrize("kernel, platform, dtype, kv_len, masked, reason", [
+    ("splash", "tpu", jnp.float32, 77, False, "multiples of 128, got 128x77"),
+    ("splash", "tpu", jnp.float32, 128, True, "without masks"),
+    ("splash", "cpu", jnp.float32, 128, False, "TPU kernel"),
+    ("cudnn", "gpu", jnp.float32, 77, False, "needs bf16/fp16"),
+    ("cudnn", "cpu", jnp.bfloat16, 77, False, "needs a GPU"),
+])
+def test_a_kernel_that_cannot_take_a_call_says_why(kernel, platform, dtype, kv_len, masked, reason):
+    q = jnp.zeros((1, 128, 2, 64), dtype)
+    k = jnp.zeros((1, kv_len, 2, 64), dtype)
+    assert reason in kernels.unsupported_reason(kernel, q, k, platform=platform, masked=masked)
+
+
+@pytest.mark.parametrize("kernel, platform", [("splash", "tpu"), ("cudnn", "gpu")])
+def test_a_kernel_takes_the_calls_it_supports(kernel, platform):
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    assert kernels.unsupported_reason(kernel, q, q, platform=platform, masked=False) is None
+
+
+def test_fallback_runs_xla_and_is_recorded_once():
+    kernels.CHOSEN.clear()
+    q, k, v = qkv(1, 16, 16, heads=2, head_dim=8)
+    for _ in range(2):
+        out = kernels.attention(q, k, v, kernel="splash")  # CPU: splash falls back
+    assert rel_err(out, reference_attention(q, k, v)) < 1e-5
+    assert list(kernels.CHOSEN) == [("splash", "xla")]
+    assert "fallback: splash is a TPU kernel" in kernels.CHOSEN[("splash", "xla")]
+
+
+def test_configure_attention_reaches_every_attention_of_the_unet():
+    model = configure_attention(UNet2DConditionModel.from_config(dict(UNET_SDXL)), "xla")
+    modules = [m for _, m in nnx.iter_modules(model)]
+    found = [m for m in modules if isinstance(m, Attention)]
+    blocks = [m for m in modules if isinstance(m, BasicTransformerBlock)]
+    assert len(blocks) == 8 and len(found) == 2 * len(blocks)  # self- and cross-attention in each block
+    assert {m.kernel for m in found} == {"xla"}
+
+
+def test_unknown_kernel_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="attention kernel 'flash' is not one of auto, xla, cudnn, splash"):
+        kernels.resolve("flash", "cpu")
+    with pytest.raises(ConfigError, match="model.attention must be one of"):
+        load_config(None, ["model.attention=flash"])

@@ -28,6 +28,7 @@ from transformers import CLIPTokenizer
 
 from dpojax import parallel
 from dpojax.config import Config, ConfigError
+from dpojax.data.sharding import process_sampler
 from dpojax.pipeline import encode_text
 from dpojax.weights.atomic import atomic_folder
 
@@ -164,21 +165,21 @@ class _CachedPair(grain.transforms.RandomMap):
 
 
 def make_cached_loader(config: Config, batch_size: int, *,
-                       shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
-    """Batches of cached pairs for training, sharded per JAX process, seeded, resumable like the pair loader."""
+                       process: tuple[int, int] | None = None) -> grain.DataLoader:
+    """Batches of cached pairs for training, split over JAX processes like the pair loader
+    (``dpojax.data.sharding``), seeded, resumable."""
     cache_dir = Path(config.data.cache_dir)
     meta = read_cache_meta(cache_dir)
     check_cache_matches(config, meta)
     source = grain.sources.ArrayRecordDataSource([str(cache_dir / RECORDS)])
-    shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    if len(source) // shard_options.shard_count < batch_size:
-        raise ValueError(f"the cache in {cache_dir} has {len(source)} pairs: too few for "
-                         f"{shard_options.shard_count} process(es) x batch_size {batch_size}")
+    try:
+        sampler = process_sampler(len(source), batch_size, shuffle=config.data.shuffle, num_epochs=None,
+                                  seed=config.train.seed, process=process)
+    except ValueError as err:
+        raise ValueError(f"the cache in {cache_dir} has {len(source)} pairs: {err}") from None
     empty = {k: np.asarray(v, np.float32) for k, v in msgpack_restore((cache_dir / "empty.msgpack").read_bytes())
              .items()}
-    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
-                                          shuffle=config.data.shuffle, num_epochs=None, seed=config.train.seed)
     return grain.DataLoader(
-        data_source=source, sampler=sampler,
+        data_source=source, sampler=sampler, shard_options=grain.sharding.NoSharding(),
         operations=[_CachedPair(empty, config.data.caption_dropout),
                     grain.transforms.Batch(batch_size, drop_remainder=True)])

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 import dpojax.data.pickapic  # noqa: F401  (registers the pickapic_v2 builder that tfds.data_source looks up)
+from dpojax.data.sharding import process_sampler
 from dpojax.data.transforms import FLIP_MODES, TIME_ID_MODES, PreparePair
 
 
@@ -63,22 +64,21 @@ def open_pairs(data_dir: str | Path, dataset: str = "pickapic_v2/default", split
     return tfds.data_source(dataset, split=split, data_dir=str(data_dir), download=False)
 
 
-def make_pair_loader(config: PairLoaderConfig, *,
-                     shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
-    """The DataLoader for ``config``; by default each JAX process reads a disjoint part of the split."""
+def make_pair_loader(config: PairLoaderConfig, *, process: tuple[int, int] | None = None) -> grain.DataLoader:
+    """The DataLoader for ``config``; each JAX process (or ``process = (index, count)``) reads its rows of
+    every global batch (``dpojax.data.sharding``)."""
     source = open_pairs(config.data_dir, config.dataset, config.split)
-    shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    if len(source) // shard_options.shard_count < config.batch_size and config.drop_remainder:
-        raise ValueError(f"split '{config.split}' of {config.dataset} has {len(source)} pairs: too few for "
-                         f"{shard_options.shard_count} process(es) x batch_size {config.batch_size}")
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard_options, shuffle=config.shuffle,
-        num_epochs=config.num_epochs, seed=config.seed)
+    try:
+        sampler = process_sampler(len(source), config.batch_size, shuffle=config.shuffle,
+                                  num_epochs=config.num_epochs, seed=config.seed,
+                                  drop_remainder=config.drop_remainder, process=process)
+    except ValueError as err:
+        raise ValueError(f"split '{config.split}' of {config.dataset} has {len(source)} pairs: {err}") from None
     prepare = PreparePair(resolution=config.resolution, random_crop=config.random_crop, flip=config.flip,
                           caption_dropout=config.caption_dropout, time_ids=config.time_ids)
     if config.worker_count and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; outside an absl app nobody parsed them
     return grain.DataLoader(
-        data_source=source, sampler=sampler,
+        data_source=source, sampler=sampler, shard_options=grain.sharding.NoSharding(),
         operations=[prepare, grain.transforms.Batch(config.batch_size, drop_remainder=config.drop_remainder)],
         worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)

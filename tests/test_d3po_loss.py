@@ -1,0 +1,178 @@
+"""The D3PO training step's gradient against an independent PyTorch computation of the reference formula.
+
+PyTorch side: diffusers' ``UNet2DConditionModel`` (policy with grad, a slightly different reference without),
+classifier-free guidance as one batch of 2B, ``DDIMScheduler.alphas_cumprod`` and the DDIM step log-prob written
+out as in D3PO's ``ddim_with_logprob`` (``reference/d3po.md`` §1a), ``torch.clamp`` of the ratio, the loss of §3
+per timestep and ``(L_j / K).backward()`` accumulated over the K timesteps (§4).
+JAX side: ``dpojax.train.d3po_step.d3po_gradients`` (one ``lax.scan`` over the timesteps).
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from diffusers import UNet2DConditionModel as TorchUNet
+from flax import nnx
+from parity_helpers import grads_as_torch, load_from_torch, perturb_, rel_err
+
+from dpojax.config import D3POConfig
+from dpojax.losses import LN2
+from dpojax.models import UNet2DConditionModel
+from dpojax.pipeline import TextConditioning
+from dpojax.schedule import NoiseSchedule, ddim_prev_timesteps, ddim_timesteps
+from dpojax.tiny import SCHEDULER, TEXT_HIDDEN, UNET_SDXL
+from dpojax.train.d3po_step import d3po_gradients
+from dpojax.train.state import Components, split_params
+
+PAIRS, STEPS, LATENT = 3, 4, 8
+D3PO = D3POConfig(num_steps=STEPS, eta=1.0, guidance_scale=5.0, beta=0.1, eps=0.1)
+PREFERENCE = np.array([[1, -1], [-1, 1], [0, 0]], np.int32)  # A wins, B wins, a tie
+
+
+def unet_only_components(graph, reference_graph) -> Components:
+    fields = {f.name: None for f in dataclasses.fields(Components)}
+    return Components(**{**fields, "unet": graph, "reference": reference_graph,
+                         "schedule": NoiseSchedule.from_config(SCHEDULER), "compute_dtype": jnp.float32,
+                         "is_sdxl": True})
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    policy = perturb_(TorchUNet(**UNET_SDXL), seed=1).eval()
+    reference = TorchUNet(**UNET_SDXL).eval()
+    reference.load_state_dict(policy.state_dict())
+    with torch.no_grad():  # a nearby reference: some (pair, step) ratios inside the clamp band, some outside
+        gen = torch.Generator().manual_seed(2)
+        for p in reference.parameters():
+            p.add_(3e-3 * p.std().nan_to_num(0.1) * torch.randn(p.shape, generator=gen))
+    return (policy, reference, split_params(load_from_torch(UNet2DConditionModel, UNET_SDXL, policy)),
+            split_params(load_from_torch(UNet2DConditionModel, UNET_SDXL, reference)))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((PAIRS, 2, STEPS + 1, 4, LATENT, LATENT)).astype(np.float32)
+    latents[:, 1, 0] = latents[:, 0, 0]  # both members start from the same x_T
+    return {
+        "latents": latents,
+        "hidden": rng.standard_normal((PAIRS, 77, 2 * TEXT_HIDDEN)).astype(np.float32),
+        "pooled": rng.standard_normal((PAIRS, TEXT_HIDDEN)).astype(np.float32),
+        "time_ids": np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (PAIRS, 1)),
+        # each pair trains its own subset and order of steps (timestep_fraction 3/4)
+        "positions": np.array([[3, 0, 1], [2, 1, 3], [0, 2, 3]], np.int32),
+    }
+
+
+def torch_d3po_grads(policy, reference, x):
+    """Reference formula in PyTorch; returns ({name: grad}, mean loss over the K steps, inside-band fraction)."""
+    sched = DDIMScheduler.from_config(SCHEDULER)
+    sched.set_timesteps(STEPS)
+    alphas = sched.alphas_cumprod.double()
+    final = sched.final_alpha_cumprod.double()
+    steps = sched.timesteps.long()
+    latents = torch.from_numpy(x["latents"]).double()
+    hidden, pooled = torch.from_numpy(x["hidden"]), torch.from_numpy(x["pooled"])
+    time_ids = torch.from_numpy(x["time_ids"])
+    h = torch.from_numpy(PREFERENCE).double()
+    positions = torch.from_numpy(x["positions"]).long()
+    num_positions = positions.shape[1]
+
+    def guided(unet, sample, t):  # sample (P, 4, h, w), t (P,)
+        uncond = {"text_embeds": torch.zeros_like(pooled), "time_ids": time_ids}
+        out = unet(torch.cat([sample, sample]).float(), torch.cat([t, t]),
+                   torch.cat([torch.zeros_like(hidden), hidden]),
+                   added_cond_kwargs={k: torch.cat([uncond[k], v]) for k, v in
+                                      {"text_embeds": pooled, "time_ids": time_ids}.items()}).sample.double()
+        e_u, e_c = out.chunk(2)
+        return e_u + 5.0 * (e_c - e_u)
+
+    def log_prob(eps, sample, nxt, t):  # D3PO's ddim_step_with_logprob, eta 1, per-dimension mean
+        prev_t = t - 1000 // STEPS
+        a_t = alphas[t].view(-1, 1, 1, 1)
+        a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final).view(-1, 1, 1, 1)
+        x0 = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * eps
+        std = var.sqrt()
+        lp = -((nxt.detach() - mean) ** 2) / (2 * var) - std.log() - math.log(math.sqrt(2 * math.pi))
+        return lp.mean(dim=(1, 2, 3))
+
+    policy.zero_grad()
+    total, inside = 0.0, []
+    rows = torch.arange(PAIRS)
+    for j in range(num_positions):
+        pos = positions[:, j]
+        t = steps[pos]
+        terms = []
+        for m in range(2):
+            sample, nxt = latents[rows, m, pos], latents[rows, m, pos + 1]
+            with torch.no_grad():
+                ref_lp = log_prob(guided(reference, sample, t), sample, nxt, t)
+            lp = log_prob(guided(policy, sample, t), sample, nxt, t)
+            ratio = torch.clamp(torch.exp(lp - ref_lp), 1 - 0.1, 1 + 0.1)
+            inside.append(((lp - ref_lp).exp() >= 0.9) & ((lp - ref_lp).exp() <= 1.1))
+            terms.append(h[:, m] * torch.log(ratio))
+        loss = -torch.nn.functional.logsigmoid(0.1 * (terms[0] + terms[1])).mean()
+        (loss / num_positions).backward()
+        total += loss.item() / num_positions
+    grads = {k: p.grad.numpy().copy() for k, p in policy.named_parameters() if p.grad is not None}
+    return grads, total, torch.cat(inside).double().mean().item()
+
+
+def jax_d3po(policy_split, reference_split, x):
+    graph, params = policy_split
+    ref_graph, ref_params = reference_split
+    components = unet_only_components(graph, ref_graph)
+    cond = TextConditioning(jnp.asarray(x["hidden"]), jnp.asarray(x["pooled"]), jnp.asarray(x["time_ids"]))
+    uncond = dataclasses.replace(cond, hidden_states=jnp.zeros_like(cond.hidden_states),
+                                 text_embeds=jnp.zeros_like(cond.text_embeds))
+
+    @jax.jit
+    def run(p, rp):
+        return d3po_gradients(components, D3PO, p, {"reference": rp}, jnp.asarray(x["latents"]), cond, uncond,
+                              jnp.asarray(PREFERENCE), jnp.asarray(x["positions"]))
+
+    grads, metrics = run(params, ref_params)
+    return grads, jax.device_get(metrics)
+
+
+def test_gradient_matches_pytorch_reference_formula(models, inputs):
+    policy, reference, policy_split, reference_split = models
+    torch_grads, torch_loss, torch_inside = torch_d3po_grads(policy, reference, inputs)
+    grads, metrics = jax_d3po(policy_split, reference_split, inputs)
+    assert 0.1 < torch_inside < 0.95, f"the check needs ratios both inside and outside the band: {torch_inside}"
+    assert float(metrics["inside_fraction"]) == pytest.approx(torch_inside)
+    assert float(metrics["loss"]) == pytest.approx(torch_loss, abs=1e-6)
+    graph, _ = policy_split
+    jax_grads = grads_as_torch(nnx.state(nnx.merge(graph, grads)))
+    names = sorted(torch_grads)
+    assert set(names) <= set(jax_grads)
+    flat_torch = np.concatenate([torch_grads[k].ravel() for k in names])
+    flat_jax = np.concatenate([jax_grads[k].ravel() for k in names])
+    assert np.linalg.norm(flat_torch) > 0
+    assert rel_err(flat_jax, flat_torch) < 1e-4
+    # the worst single tensor, so a misplaced gradient cannot hide in the global norm
+    assert max(rel_err(jax_grads[k], torch_grads[k]) for k in names if np.linalg.norm(torch_grads[k]) > 1e-6) < 1e-3
+
+
+def test_loss_is_ln2_at_init(models, inputs):
+    _, _, policy_split, _ = models
+    grads, metrics = jax_d3po(policy_split, policy_split, inputs)
+    assert float(metrics["loss"]) == pytest.approx(LN2, abs=1e-7)
+    assert float(metrics["loss_minus_ln2"]) == pytest.approx(0.0, abs=1e-7)
+    assert float(metrics["inside_fraction"]) == 1.0
+    # the tie contributes nothing; the decisive pairs give a non-zero gradient −(β/2)·(∇ℓ_w − ∇ℓ_l) at init
+    assert float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))) > 0
+
+
+def test_timestep_indices_follow_the_schedule():
+    schedule = NoiseSchedule.from_config(SCHEDULER)
+    np.testing.assert_array_equal(ddim_timesteps(schedule, STEPS), [751, 501, 251, 1])
+    np.testing.assert_array_equal(ddim_prev_timesteps(schedule, STEPS), [501, 251, 1, -249])

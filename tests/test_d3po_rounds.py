@@ -1,0 +1,130 @@
+"""D3PO through the ``dpojax`` command on the tiny SDXL pipeline (CPU, 1 device in subprocesses).
+
+- Bad input: a missing round folder, a label file with the wrong number of prompts or images, a scorer that
+  raises, an existing round folder: each is a one-line error naming the culprit, and nothing already written
+  (round files, labels, checkpoints) changes.
+- The human-feedback path with simulated annotators: sample a round, label it from a thresholded brightness
+  proxy as a person would (JSON files in ROUND/labels/), train, and sample the next round from the result with
+  the same seed (same prompts, x_T and step noise): its images are brighter.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpojax.feedback.labels import read_labels
+from dpojax.feedback.rounds import read_round
+from dpojax.feedback.scorers import brightness
+from dpojax.tiny import write_tiny_pipeline
+
+CONFIG = Path(__file__).parents[1] / "configs" / "tiny_d3po_brightness.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def failing_scorer(images, prompts):  # imported by the scorer spec "test_d3po_rounds:failing_scorer"
+    raise RuntimeError("the scoring service is down")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("d3po_rounds")
+    write_tiny_pipeline(root / "tiny-sdxl", arch="sdxl", seed=0)
+    return root
+
+
+def dpojax(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "dpojax.cli", *map(str, args)], env=env, cwd=workdir,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def common(workdir: Path, **extra) -> list[str]:
+    values = {"model.pretrained": workdir / "tiny-sdxl", "logging.tensorboard": False, "d3po.seed": 7,
+              "d3po.round_prompts": 6, "d3po.images_per_prompt": 4, **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def simulated_labels(round_dir: Path, annotator: str) -> Path:
+    """What a person marking the brighter half of each prompt's images good writes: +1 above the prompt's
+    median brightness, −1 below (the labeling page's format: a list over prompts of k scores)."""
+    images = read_round(round_dir, arrays=False).images
+    scores = brightness(images.reshape(-1, *images.shape[2:])).reshape(images.shape[:2])
+    labels = np.where(scores > np.median(scores, axis=1, keepdims=True), 1, -1).tolist()
+    path = round_dir / "labels" / f"{annotator}.json"
+    path.write_text(json.dumps(labels))
+    return path
+
+
+def mean_brightness(round_dir: Path) -> float:
+    images = read_round(round_dir, arrays=False).images
+    return float(brightness(images.reshape(-1, *images.shape[2:])).mean())
+
+
+def test_round_errors_name_the_culprit_and_keep_files(workdir):
+    missing = dpojax(workdir, "d3po", "train", workdir / "no-such-round")
+    assert missing.returncode == 2 and "no-such-round" in missing.stderr and "does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+    r1 = workdir / "bad_round"
+    done = dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1)
+    assert done.returncode == 0, done.stderr
+    (r1 / "labels" / "alice.json").write_text(json.dumps([[1, -1, 0, 0]] * 5))  # 5 prompts, the round has 6
+    before = digest(r1)
+    wrong_prompts = dpojax(workdir, "d3po", "train", r1)
+    assert wrong_prompts.returncode == 2 and "alice.json" in wrong_prompts.stderr
+    assert "6 prompts" in wrong_prompts.stderr and len(wrong_prompts.stderr.strip().splitlines()) == 1
+    (r1 / "labels" / "alice.json").write_text(json.dumps([[1, -1, 0]] * 6))  # 3 scores, the round has 4 images
+    before = digest(r1)
+    wrong_images = dpojax(workdir, "d3po", "train", r1)
+    assert wrong_images.returncode == 2 and "alice.json" in wrong_images.stderr and "4 images" in wrong_images.stderr
+    assert digest(r1) == before and not (r1 / "train").exists()
+
+    again = dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1)
+    assert again.returncode == 2 and "already exists" in again.stderr and digest(r1) == before
+
+
+def test_scorer_that_raises_is_one_line_and_keeps_checkpoints(workdir):
+    run = workdir / "scorer_run"
+    args = common(workdir, **{"train.output_dir": run, "d3po.num_epochs": 1, "d3po.eval_every": 0,
+                              "train.export": "none"})
+    ok = dpojax(workdir, "train", CONFIG, *args)
+    assert ok.returncode == 0, ok.stderr
+    before = digest(run / "checkpoints")
+    failed = dpojax(workdir, "train", CONFIG, *args, "d3po.num_epochs=2", "d3po.reward=test_d3po_rounds:failing_scorer")
+    assert failed.returncode == 2, failed.stderr
+    assert "failing_scorer" in failed.stderr and "the scoring service is down" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1
+    assert digest(run / "checkpoints") == before
+
+
+def test_simulated_annotators_make_the_next_round_brighter(workdir):
+    r1, r2 = workdir / "round1", workdir / "round2"
+    assert dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1).returncode == 0
+    simulated_labels(r1, "alice")
+    simulated_labels(r1, "bob")
+    labels = read_labels(r1)
+    assert labels.labeled.all() and labels.annotators == ["alice", "bob"]
+    trained = dpojax(workdir, "d3po", "train", r1, "d3po.num_epochs=3", "logging.tensorboard=false")
+    assert trained.returncode == 0, trained.stderr
+    final = r1 / "train" / "final"
+    assert (final / "model_index.json").is_file()
+    nxt = dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir, **{"model.pretrained": final}), "--out", r2)
+    assert nxt.returncode == 0, nxt.stderr
+    before, after = mean_brightness(r1), mean_brightness(r2)
+    print(f"round 1 mean brightness {before:.4f}, round 2 {after:.4f}")
+    assert after > before + 0.01

@@ -11,7 +11,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e "$root[test]"
+  "$venv/bin/python" -m pip install -q -e "${root}[test]"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

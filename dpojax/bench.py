@@ -1,0 +1,398 @@
+"""`dpojax bench CONFIG`: time the real training steps and the PyTorch original on the same work.
+
+What is timed: the jitted Diffusion-DPO step of ``dpojax.train.step`` (policy forward+backward and reference
+forward on the pair-interleaved winners and losers, the fp32 loss, global-norm clip and the optimizer update),
+compiled ahead of time (compile time reported apart), then the median of ``iters`` calls after ``warmup``.
+By default its inputs are cache-like (posterior moments and text encodings, as a `dpojax data encode` cache
+gives), so the step runs the UNets only; ``--encode`` also times the variant that encodes pixels with the VAE
+and token ids with the text encoders inside the step. The PyTorch side (``dpojax.bench_torch``, imported only
+here) runs the reference Diffusion-DPO step with diffusers' UNet loaded from the same pipeline folder, on the
+same inputs, batch, dtype and thread count, and the ratio JAX / PyTorch is printed. The same is done for a
+D3PO step over K denoising steps (``dpojax.train.d3po_step.make_update``).
+
+Rounds alternate a block of JAX calls with a block of PyTorch calls, so a change in machine load hits both;
+the ratio is the median of the per-round ratios. MFU uses the FLOPs of XLA's cost analysis of the compiled
+step (per device) and the device's dense bf16 peak when it is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dpojax import parallel
+from dpojax.config import Config
+
+# Dense bf16 peak FLOP/s per device, matched as a substring of ``device_kind`` (most specific first).
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12), ("TPU v4", 275e12),
+)
+PROMPT = "a photo of a red cube on a table"
+
+
+def device_peak_flops(device_kind: str) -> float | None:
+    for name, peak in PEAK_FLOPS:
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def thread_count() -> int:
+    """Cores this process may run on: what XLA's CPU thread pool uses, and what PyTorch is given."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclasses.dataclass
+class Timings:
+    """Wall-clock seconds of timed calls, grouped by round."""
+
+    rounds: list[list[float]] = dataclasses.field(default_factory=list)
+    compile_s: float | None = None
+    flops: float | None = None  # per call, per device (XLA cost analysis)
+
+    @property
+    def all(self) -> list[float]:
+        return [t for r in self.rounds for t in r]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.all)
+
+
+def timed_block(call: Callable[[], None], iters: int) -> list[float]:
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmarked step: the JAX call (state carried between calls) and optionally the PyTorch one."""
+
+    name: str
+    pairs: int
+    jax_call: Callable[[], None]
+    compile_s: float
+    flops: float | None
+    torch_call: Callable[[], None] | None = None
+
+
+def _run_rounds(case: Case, iters: int, warmup: int, rounds: int) -> tuple[Timings, Timings | None]:
+    jax_t = Timings(compile_s=case.compile_s, flops=case.flops)
+    torch_t = Timings() if case.torch_call is not None else None
+    for _ in range(warmup):
+        case.jax_call()
+        if case.torch_call is not None:
+            case.torch_call()
+    for _ in range(rounds):
+        time.sleep(0.2)  # let the other runtime's spinning worker threads go idle
+        jax_t.rounds.append(timed_block(case.jax_call, iters))
+        if torch_t is not None:
+            time.sleep(0.2)
+            torch_t.rounds.append(timed_block(case.torch_call, iters))
+    return jax_t, torch_t
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+def unet_shapes(components, config: Config) -> dict[str, int]:
+    unet = components.unet_config
+    cross = unet["cross_attention_dim"]
+    shapes = {"latent": config.data.resolution // components.vae_scale_factor,
+              "hidden": cross[0] if isinstance(cross, list | tuple) else cross}
+    if components.is_sdxl:
+        shapes["pooled"] = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+    return shapes
+
+
+def dpo_inputs(components, config: Config, pairs: int, encode: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """Host arrays for ``pairs`` pairs: a cache-like batch (posterior moments, text encodings) or, with
+    ``encode``, pixels and token ids. Both sides of the benchmark read these same arrays."""
+    rng = np.random.default_rng(seed)
+    shapes, res = unet_shapes(components, config), config.data.resolution
+    batch: dict[str, np.ndarray] = {}
+    if encode:
+        from dpojax.train.step import tokenize
+
+        batch["pixels"] = rng.uniform(-1, 1, (pairs, 2, res, res, 3)).astype(np.float32)
+        batch["input_ids"] = tokenize(components.tokenizer, [PROMPT] * pairs)
+        if components.is_sdxl:
+            batch["input_ids_2"] = tokenize(components.tokenizer_2, [PROMPT] * pairs)
+    else:
+        latent = (pairs, 2, components.latent_channels, shapes["latent"], shapes["latent"])
+        batch["latent_mean"] = rng.standard_normal(latent, dtype=np.float32)
+        batch["latent_logvar"] = np.full(latent, -4.0, np.float32)
+        batch["hidden"] = rng.standard_normal((pairs, 77, shapes["hidden"]), dtype=np.float32)
+        if components.is_sdxl:
+            batch["pooled"] = rng.standard_normal((pairs, shapes["pooled"]), dtype=np.float32)
+    if components.is_sdxl:
+        batch["time_ids"] = np.tile(np.array([res, res, 0, 0, res, res], np.float32), (pairs, 2, 1))
+    return batch
+
+
+def d3po_inputs(components, config: Config, pairs: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Stored trajectories of ``pairs`` pairs (both members' x_T..x_0), prompts and ±1 preferences."""
+    from dpojax.train.d3po_step import text_inputs
+
+    rng = np.random.default_rng(seed)
+    size, steps = unet_shapes(components, config)["latent"], config.d3po.num_steps
+    res = config.data.resolution
+    batch = text_inputs(components, [PROMPT] * pairs, res, res)
+    batch["latents"] = rng.standard_normal((pairs, 2, steps + 1, components.latent_channels, size, size),
+                                           dtype=np.float32)
+    first = rng.choice([-1, 1], pairs).astype(np.int32)
+    batch["preference"] = np.stack([first, -first], axis=-1)
+    return batch
+
+
+# --- the JAX side -----------------------------------------------------------------------------------------------
+
+def bench_mesh(config: Config) -> jax.sharding.Mesh:
+    """The config's mesh; with every axis size given, over the first that many devices."""
+    sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    devices = jax.devices()
+    if -1 not in sizes:
+        devices = devices[:int(np.prod(sizes))]
+    return parallel.make_mesh(*sizes, devices=devices)
+
+
+def with_attention_kernel(components, params: dict, frozen: dict, kernel: str, mesh):
+    """``components`` whose UNet graphs use attention ``kernel`` (``model.attention``)."""
+    from flax import nnx
+
+    from dpojax.models.attention import configure_attention
+    from dpojax.train.state import split_params
+
+    def configured(graph, tree):
+        return None if graph is None else split_params(configure_attention(nnx.merge(graph, tree), kernel, mesh))[0]
+
+    return dataclasses.replace(components, unet=configured(components.unet, params),
+                               reference=configured(components.reference, frozen.get("reference")))
+
+
+def _compile(jitted, *args) -> tuple[Any, float, float | None]:
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = float(cost["flops"]) if cost and cost.get("flops", -1) > 0 else None
+    return compiled, seconds, flops
+
+
+class JaxSetup:
+    """Models, optimizer and initial state of ``config`` on its mesh, as ``dpojax train`` builds them."""
+
+    def __init__(self, config: Config):
+        from dpojax.train.optim import make_optimizer, opt_state_shardings
+        from dpojax.train.state import TrainState, load_components, shardings_of
+
+        self.config = config
+        self.mesh = bench_mesh(config)
+        self.batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        components, params, self.frozen = load_components(config, self.mesh)
+        self.components = with_attention_kernel(components, params, self.frozen, config.model.attention, self.mesh)
+        self.tx, self.lr_schedule = make_optimizer(config.optim, config.learning_rate(self.batch_devices))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.param_shardings = shardings_of(params)
+        self.state_shardings = TrainState(replicated, self.param_shardings,
+                                          opt_state_shardings(self.tx, params, self.param_shardings, replicated),
+                                          replicated)
+        self.frozen_shardings = shardings_of(self.frozen)
+        self.params = params
+
+    def fresh_state(self):
+        from dpojax.train.state import TrainState
+
+        params = jax.tree.map(jnp.copy, self.params)  # the step donates the state: never hand it the originals
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        key = jax.random.key_data(jax.random.key(self.config.train.seed))
+        return jax.device_put(TrainState(jnp.int32(0), params, opt_state, key), self.state_shardings)
+
+    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        from dpojax.train.step import device_batch
+
+        return device_batch(batch, parallel.batch_sharding(self.mesh))
+
+
+def dpo_case(setup: JaxSetup, batch: dict[str, np.ndarray], name: str) -> Case:
+    from dpojax.train.step import make_step_functions
+
+    fns = make_step_functions(setup.components, setup.config, setup.tx, setup.lr_schedule, setup.mesh,
+                              setup.state_shardings, setup.frozen_shardings, parallel.batch_sharding(setup.mesh))
+    state, device_batch, micro = setup.fresh_state(), setup.device_batch(batch), jnp.int32(0)
+    compiled, compile_s, flops = _compile(fns.update, state, None, setup.frozen, device_batch, micro)
+    holder = {"state": state}
+
+    def call():
+        holder["state"], _, metrics = compiled(holder["state"], None, setup.frozen, device_batch, micro)
+        jax.block_until_ready(metrics)
+
+    return Case(name, batch_pairs(batch), call, compile_s, flops)
+
+
+def d3po_case(setup: JaxSetup, batch: dict[str, np.ndarray]) -> Case:
+    from dpojax.train.d3po_step import make_update
+
+    update = make_update(setup.components, setup.config, setup.tx, setup.lr_schedule, setup.mesh,
+                         setup.state_shardings, setup.frozen_shardings)
+    state, device_batch = setup.fresh_state(), setup.device_batch(batch)
+    compiled, compile_s, flops = _compile(update, state, setup.frozen, device_batch)
+    holder = {"state": state}
+
+    def call():
+        holder["state"], metrics = compiled(holder["state"], setup.frozen, device_batch)
+        jax.block_until_ready(metrics)
+
+    return Case(f"D3PO step, K={d3po_positions(setup.config)} of {setup.config.d3po.num_steps} steps",
+                batch_pairs(batch), call, compile_s, flops)
+
+
+def batch_pairs(batch: dict[str, np.ndarray]) -> int:
+    return len(next(iter(batch.values())))
+
+
+def d3po_positions(config: Config) -> int:
+    return max(1, int(config.d3po.num_steps * config.d3po.timestep_fraction))
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def report(case: Case, jax_t: Timings, torch_t: Timings | None, torch_note: str | None, out) -> dict:
+    device = jax.devices()[0]
+    devices = len(jax.devices())
+    line = (f"{case.name} [jax]   compile {jax_t.compile_s:.1f} s; step median {_ms(jax_t.median)} "
+            f"(min {_ms(min(jax_t.all))}, n={len(jax_t.all)}); {case.pairs / jax_t.median:.2f} pairs/s")
+    peak = device_peak_flops(device.device_kind)
+    mfu = None
+    if jax_t.flops is None:
+        line += "; MFU: FLOPs unknown (no cost analysis)"
+    else:
+        line += f"; {jax_t.flops / 1e9:.2f} GFLOP/step/device"
+        if peak is None:
+            line += f"; MFU: peak unknown ({device.platform}: {device.device_kind})"
+        else:
+            mfu = jax_t.flops / jax_t.median / peak
+            line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s"
+    print(line, file=out)
+    result = {"name": case.name, "pairs": case.pairs, "jax_median_s": jax_t.median, "jax_compile_s": jax_t.compile_s,
+              "jax_flops": jax_t.flops, "mfu": mfu, "devices": devices}
+    if torch_t is None:
+        print(f"{case.name} [torch] skipped: {torch_note}", file=out)
+        return result
+    ratios = [statistics.median(j) / statistics.median(t) for j, t in zip(jax_t.rounds, torch_t.rounds,
+                                                                          strict=True)]
+    ratio = statistics.median(ratios)
+    print(f"{case.name} [torch] step median {_ms(torch_t.median)} (min {_ms(min(torch_t.all))}, "
+          f"n={len(torch_t.all)}); {case.pairs / torch_t.median:.2f} pairs/s; {torch_note}", file=out)
+    print(f"{case.name} ratio jax/torch = {ratio:.2f} (median of rounds: "
+          f"{' '.join(f'{r:.2f}' for r in ratios)})", file=out)
+    return {**result, "torch_median_s": torch_t.median, "ratio": ratio, "round_ratios": ratios}
+
+
+def print_attention_kernels(out) -> None:
+    from dpojax.models.attention_kernels import CHOSEN
+
+    for (requested, used), reason in sorted(CHOSEN.items()):
+        print(f"attention kernel: {used} (requested {requested}; {reason})", file=out)
+    CHOSEN.clear()
+
+
+def _torch_module():
+    """``dpojax.bench_torch``, or (None, reason) when PyTorch or diffusers is not installed."""
+    try:
+        from dpojax import bench_torch
+    except ImportError as err:
+        return None, (f"PyTorch side not timed ({err.name or err} is not installed; "
+                      f"`pip install dpojax[test]` adds torch and diffusers)")
+    return bench_torch, None
+
+
+def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int = 3, encode: bool = False,
+              d3po_k: int = 2, with_torch: bool = True, out=None) -> list[dict]:
+    """Benchmark the steps ``config`` describes; prints one block per step and returns the numbers."""
+    out = out or sys.stdout
+    if iters < 1 or rounds < 1 or warmup < 0 or d3po_k < 0:
+        raise ValueError(f"bench: --iters ({iters}) and --rounds ({rounds}) must be >= 1, --warmup ({warmup}) "
+                         f"and --d3po-k ({d3po_k}) >= 0")
+    if d3po_k:
+        if d3po_k > config.d3po.num_steps:
+            raise ValueError(f"bench: --d3po-k {d3po_k} is more than d3po.num_steps={config.d3po.num_steps}")
+        config = dataclasses.replace(config, d3po=dataclasses.replace(
+            config.d3po, timestep_fraction=d3po_k / config.d3po.num_steps))
+    setup = JaxSetup(config)
+    pairs = config.train.pairs_per_device * setup.batch_devices
+    device = jax.devices()[0]
+    threads = thread_count()
+    print(f"dpojax bench: {config.model.pretrained} on {len(setup.mesh.devices.flat)} x {device.device_kind} "
+          f"({device.platform}), {threads} CPU threads; {pairs} pairs, {config.data.resolution} px, "
+          f"compute {config.model.dtype}, params {config.model.param_dtype}, reference {config.model.reference_dtype}, "
+          f"optimizer {config.optim.name}, attention {config.model.attention}", file=out)
+    bench_torch, torch_note = _torch_module() if with_torch else (None, "--no-torch")
+    torch_runner = None
+    if bench_torch is not None:
+        torch_runner = bench_torch.TorchRunner(config, threads)
+        torch_note = torch_runner.describe()
+
+    cases = [("DPO step (UNets only: cached latents + text embeddings)", False)]
+    if encode:
+        cases.append(("DPO step (with VAE + text encoding)", True))
+    results = []
+    for name, with_encoding in cases:
+        batch = dpo_inputs(setup.components, config, pairs, with_encoding)
+        case = dpo_case(setup, batch, name)
+        if torch_runner is not None:
+            case.torch_call = torch_runner.dpo_step(batch)
+        results.append(report(case, *_run_rounds(case, iters, warmup, rounds), torch_note, out))
+        print_attention_kernels(out)
+    if d3po_k:
+        batch = d3po_inputs(setup.components, config, pairs)
+        case = d3po_case(setup, batch)
+        if torch_runner is not None:
+            case.torch_call = torch_runner.d3po_step(batch)
+        results.append(report(case, *_run_rounds(case, iters, warmup, rounds), torch_note, out))
+        print_attention_kernels(out)
+    return results
+
+
+def cmd_bench(args) -> int:
+    from dpojax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    run_bench(config, iters=args.iters, warmup=args.warmup, rounds=args.rounds, encode=args.encode,
+              d3po_k=args.d3po_k, with_torch=not args.no_torch)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``bench`` to the ``dpojax`` parser."""
+    p = subparsers.add_parser("bench", help="time the DPO and D3PO training steps (JAX) against the PyTorch "
+                                            "original on the same inputs; pairs/s, compile time, MFU")
+    p.add_argument("config", help="YAML file, e.g. configs/tiny_sdxl_dpo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.pairs_per_device=4")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per round (default 10)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds alternating JAX and PyTorch blocks (default 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    p.add_argument("--encode", action="store_true", help="also time the DPO step with VAE and text encoding")
+    p.add_argument("--d3po-k", type=int, default=2, help="denoising steps per D3PO update (0: skip D3PO; default 2)")
+    p.add_argument("--no-torch", action="store_true", help="time the JAX side only")
+    p.set_defaults(run=cmd_bench)

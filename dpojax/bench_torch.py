@@ -1,0 +1,198 @@
+"""The PyTorch side of `dpojax bench`: the reference Diffusion-DPO and D3PO steps with diffusers' UNet.
+
+Written as the official code does it (``reference/diffusion_dpo.md`` §1, ``reference/d3po.md``): winners then
+losers in one batch, one noise and timestep per pair, the reference under ``no_grad``, ``-logsigmoid`` of
+``-β/2·(Δθ − Δref)``, global-norm clip, then the optimizer; D3PO loops over its K timesteps with a backward at
+each and one optimizer step. Models come from the same pipeline folder and dtypes as the JAX run. Only
+``dpojax.bench`` imports this module (torch and diffusers are test extras).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from dpojax.config import Config
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TorchRunner:
+    """Policy and reference UNets, VAE, text encoders and optimizer of ``config`` in PyTorch."""
+
+    def __init__(self, config: Config, threads: int):
+        torch.set_num_threads(threads)
+        torch.manual_seed(config.train.seed)
+        folder = Path(config.model.pretrained)
+        self.config, self.threads = config, threads
+        self.dtype = TORCH_DTYPES[config.model.dtype]
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(TORCH_DTYPES[config.model.param_dtype])
+        self.unet.train()
+        self.reference = UNet2DConditionModel.from_pretrained(folder / "unet").to(
+            TORCH_DTYPES[config.model.reference_dtype]).requires_grad_(False).eval()
+        frozen = TORCH_DTYPES[config.model.reference_dtype]
+        self.vae = AutoencoderKL.from_pretrained(config.model.vae or folder / "vae").to(frozen).requires_grad_(False)
+        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").to(frozen).requires_grad_(False)
+        self.text_encoder_2 = None
+        if (folder / "text_encoder_2").is_dir():
+            self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder_2").to(frozen).requires_grad_(False)
+        self.scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
+        optim = config.optim
+        lr = config.learning_rate(1)
+        if optim.name == "adamw":
+            self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=lr, betas=optim.betas, eps=optim.eps,
+                                               weight_decay=optim.weight_decay)
+        else:
+            from transformers.optimization import Adafactor
+
+            self.optimizer = Adafactor(self.unet.parameters(), lr=lr, scale_parameter=False, relative_step=False,
+                                       warmup_init=False, clip_threshold=1.0, weight_decay=optim.weight_decay)
+
+    def describe(self) -> str:
+        return f"diffusers UNet2DConditionModel, torch {torch.__version__} ({self.threads} threads)"
+
+    # --- conditioning -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: np.ndarray, input_ids_2: np.ndarray | None):
+        """(hidden states, pooled or None) as the SD / SDXL pipelines compute them."""
+        ids = torch.from_numpy(input_ids).long()
+        if self.text_encoder_2 is None:
+            return self.text_encoder(ids).last_hidden_state, None
+        out = self.text_encoder(ids, output_hidden_states=True)
+        out_2 = self.text_encoder_2(torch.from_numpy(input_ids_2).long(), output_hidden_states=True)
+        return torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), out_2.text_embeds
+
+    def unet_call(self, unet, latents, timesteps, hidden, pooled, time_ids):
+        added = None if pooled is None else {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return unet(latents.to(self.dtype), timesteps, hidden.to(self.dtype), added_cond_kwargs=added).sample
+
+    def optimizer_step(self) -> None:
+        if self.config.optim.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.optim.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- Diffusion-DPO ----------------------------------------------------------------------------------------
+
+    def dpo_step(self, batch: dict[str, np.ndarray]):
+        """A zero-argument callable running one official Diffusion-DPO step on ``batch`` (see dpojax.bench)."""
+        beta = self.config.loss.beta
+        time_ids = None
+        if "time_ids" in batch:  # (P, 2, 6): winners' rows, then losers'
+            time_ids = torch.from_numpy(np.concatenate([batch["time_ids"][:, 0], batch["time_ids"][:, 1]]))
+
+        def step():
+            with torch.no_grad():
+                if "latent_mean" in batch:
+                    mean, logvar = (torch.from_numpy(np.concatenate([batch[k][:, 0], batch[k][:, 1]]))
+                                    for k in ("latent_mean", "latent_logvar"))
+                    latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+                    hidden = torch.from_numpy(batch["hidden"])
+                    pooled = torch.from_numpy(batch["pooled"]) if "pooled" in batch else None
+                else:
+                    pixels = np.concatenate([batch["pixels"][:, 0], batch["pixels"][:, 1]]).transpose(0, 3, 1, 2)
+                    vae_dtype = next(self.vae.parameters()).dtype
+                    latents = self.vae.encode(torch.from_numpy(pixels).to(vae_dtype)).latent_dist.sample().float()
+                    hidden, pooled = self.encode_text(batch["input_ids"], batch.get("input_ids_2"))
+                shift = self.vae.config.shift_factor
+                latents = (latents - (shift or 0.0)) * self.vae.config.scaling_factor
+                pairs = latents.shape[0] // 2
+                noise = torch.randn_like(latents[:pairs]).repeat(2, 1, 1, 1)
+                timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (pairs,)).repeat(2)
+                noisy = self.scheduler.add_noise(latents, noise, timesteps)
+                hidden = hidden.repeat(2, 1, 1)
+                pooled = None if pooled is None else pooled.repeat(2, 1)
+            pred = self.unet_call(self.unet, noisy, timesteps, hidden, pooled, time_ids)
+            model_losses = (pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+            model_w, model_l = model_losses.chunk(2)
+            with torch.no_grad():
+                ref = self.unet_call(self.reference, noisy, timesteps, hidden, pooled, time_ids)
+                ref_w, ref_l = (ref.float() - noise.float()).pow(2).mean(dim=[1, 2, 3]).chunk(2)
+            inside = -0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))
+            loss = -F.logsigmoid(inside).mean()
+            loss.backward()
+            self.optimizer_step()
+
+        return step
+
+    # --- D3PO ---------------------------------------------------------------------------------------------------
+
+    def ddim_log_prob(self, eps, t, t_prev, x_t, x_prev, eta: float):
+        """Per-sample mean log N(x_prev; μ, σ²) of a DDIM step (DDPO's ``ddim_step_with_logprob``)."""
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        final = self.alphas_cumprod[0] if self.scheduler.config.get("set_alpha_to_one") is False else 1.0
+        a_t = self.alphas_cumprod[t].reshape(shape)
+        a_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)],
+                             torch.as_tensor(final)).reshape(shape)
+        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        sigma = sigma.clamp(min=1e-6)
+        log_prob = -((x_prev.detach() - mean) ** 2) / (2 * sigma**2) - sigma.log() - math.log(math.sqrt(2 * math.pi))
+        return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+    def d3po_step(self, batch: dict[str, np.ndarray]):
+        """A zero-argument callable running one D3PO update on ``batch``: a backward per trained timestep."""
+        from dpojax import schedule as sched
+
+        d3po = self.config.d3po
+        steps = d3po.num_steps
+        positions_k = max(1, int(steps * d3po.timestep_fraction))
+        schedule = sched.NoiseSchedule.from_config(dict(self.scheduler.config))
+        timesteps = torch.from_numpy(np.asarray(sched.ddim_timesteps(schedule, steps), np.int64))
+        prev_timesteps = torch.from_numpy(np.asarray(sched.ddim_prev_timesteps(schedule, steps), np.int64))
+        latents = torch.from_numpy(batch["latents"])  # (P, 2, T+1, C, h, w)
+        pairs = latents.shape[0]
+        flat = latents.reshape((2 * pairs,) + latents.shape[2:])
+        preference = torch.from_numpy(batch["preference"]).float()
+        time_ids = torch.from_numpy(batch["time_ids"]).repeat_interleave(2, 0) if "time_ids" in batch else None
+        guided = d3po.guidance_scale > 1
+
+        def predict(unet, x, t, hidden, pooled):
+            if not guided:
+                return self.unet_call(unet, x, t, hidden, pooled, time_ids)
+            ids = None if time_ids is None else torch.cat([time_ids, time_ids])
+            neg_hidden = torch.zeros_like(hidden) if pooled is not None else self.empty_hidden.expand_as(hidden)
+            both_pooled = None if pooled is None else torch.cat([torch.zeros_like(pooled), pooled])
+            out = self.unet_call(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg_hidden, hidden]),
+                                 both_pooled, ids)
+            uncond, cond = out.float().chunk(2)
+            return uncond + d3po.guidance_scale * (cond - uncond)
+
+        if guided and self.text_encoder_2 is None:
+            from dpojax.train.step import tokenize
+
+            tokenizer = CLIPTokenizer.from_pretrained(Path(self.config.model.pretrained) / "tokenizer")
+            self.empty_hidden = self.encode_text(tokenize(tokenizer, [""]), None)[0]
+
+        def step():
+            hidden, pooled = self.encode_text(batch["input_ids"], batch.get("input_ids_2"))
+            hidden = hidden.repeat_interleave(2, 0)
+            pooled = None if pooled is None else pooled.repeat_interleave(2, 0)
+            perms = torch.stack([torch.randperm(steps)[:positions_k] for _ in range(pairs)]).repeat_interleave(2, 0)
+            rows = torch.arange(2 * pairs)
+            for j in range(positions_k):
+                pos = perms[:, j]
+                x, x_next = flat[rows, pos], flat[rows, pos + 1]
+                t, t_prev = timesteps[pos], prev_timesteps[pos]
+                with torch.no_grad():
+                    ref_logp = self.ddim_log_prob(predict(self.reference, x, t, hidden, pooled), t, t_prev, x,
+                                                  x_next, d3po.eta)
+                logp = self.ddim_log_prob(predict(self.unet, x, t, hidden, pooled), t, t_prev, x, x_next, d3po.eta)
+                ratio = torch.clamp(torch.exp(logp - ref_logp), 1 - d3po.eps, 1 + d3po.eps).reshape(pairs, 2)
+                logits = d3po.beta * (preference * torch.log(ratio)).sum(-1)
+                loss = -F.logsigmoid(logits).mean() / positions_k
+                loss.backward()
+            self.optimizer_step()
+
+        return step

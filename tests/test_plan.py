@@ -1,0 +1,151 @@
+"""`dpojax plan`: the shipped full-size architectures, the mesh option, and the compiled step's accounting.
+
+The architecture configs are checked against diffusers/transformers built from the same JSON (PyTorch meta
+device: no memory) and the published parameter counts. The planner's per-device bytes are checked against a
+hand count from the PyTorch modules' parameters, and the effect of remat and micro-batch size is measured
+on the tiny SDXL pipeline.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+from dpojax import cli
+from dpojax.config import load_config
+from dpojax.models import UNet2DConditionModel
+from dpojax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+from dpojax.models.vae import AutoencoderKL
+from dpojax.plan import ARCH_ROOT, GIB, parse_mesh, plan_training
+from dpojax.tiny import write_tiny_pipeline
+from dpojax.train.state import check_supported, read_pipeline_arch
+from dpojax.weights.io import abstract_module
+
+CONFIG = Path(__file__).parents[1] / "configs" / "tiny_sdxl_dpo.yaml"
+
+# Published parameter counts (diffusers' model cards / `num_parameters()`): a wrong config value changes them.
+PUBLISHED = {("sdxl-base-1.0", "unet"): 2_567_463_684, ("sd-v1-5", "unet"): 859_520_964,
+             ("sd-v1-5", "vae"): 83_653_863, ("sd-v1-5", "text_encoder"): 123_060_480,
+             ("sdxl-base-1.0", "text_encoder_2"): 694_659_840}
+
+
+def _torch_module(folder: Path, name: str):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = json.loads((folder / name / "config.json").read_text())
+    with torch.device("meta"):
+        if name == "unet":
+            return UNet2DConditionModel.from_config(config)
+        if name == "vae":
+            return AutoencoderKL.from_config(config)
+        cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+        return cls(CLIPTextConfig(**config))
+
+
+def _count(named_parameters, skip=()) -> int:
+    return sum(p.numel() for n, p in named_parameters if not n.startswith(skip))
+
+
+@pytest.mark.parametrize("arch", ["sd-v1-5", "sdxl-base-1.0"])
+def test_shipped_architectures_match_diffusers_and_the_published_counts(arch):
+    folder = ARCH_ROOT / arch
+    check_supported(load_config(None, [f"model.pretrained={folder}"]))
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "text_encoder_2": CLIPTextModelWithProjection}
+    present = [name for name in classes if (folder / name).is_dir()]
+    assert len(present) == (4 if read_pipeline_arch(folder, "auto") else 3)
+    for name in present:
+        module = abstract_module(classes[name], json.loads((folder / name / "config.json").read_text()))
+        ours = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+        assert ours == _count(_torch_module(folder, name).named_parameters()), name
+        if (arch, name) in PUBLISHED:
+            assert ours == PUBLISHED[arch, name], name
+
+
+def test_mesh_option_is_parsed_and_bad_values_get_one_line_errors():
+    assert parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert parse_mesh("data=2, fsdp=4,tensor=1") == {"data": 2, "fsdp": 4, "tensor": 1}
+    for bad in ("fsdp=0", "fsdp=-1", "pipe=2", "fsdp", "fsdp=x"):
+        with pytest.raises(ValueError, match="--mesh") as err:
+            parse_mesh(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_plan_command_errors_name_the_culprit(capsys, tmp_path):
+    assert cli.main(["plan", str(CONFIG), "--mesh", "fsdp=3x"]) == 2
+    assert "--mesh 'fsdp=3x'" in capsys.readouterr().err
+    assert cli.main(["plan", str(CONFIG), "--mesh", "fsdp=64"]) == 2  # more than the 8 test devices
+    assert "needs 64 CPU devices" in capsys.readouterr().err
+    assert cli.main(["plan", str(CONFIG), "--device-memory", "0"]) == 2
+    assert "--device-memory must be > 0" in capsys.readouterr().err
+    assert cli.main(["plan", str(CONFIG), "model.arch=sd2", f"model.pretrained={tmp_path}"]) == 2
+    assert "no shipped architecture" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ compiled plans (tiny SDXL)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_pipeline(tmp_path_factory.mktemp("plan") / "tiny-sdxl", arch="sdxl", seed=0)
+
+
+def _plan(tiny: Path, mesh: str = "fsdp=1", **overrides):
+    values = {"model.pretrained": tiny, "train.pairs_per_device": 2, "model.remat": "none", **overrides}
+    config = load_config(CONFIG, [f"{k}={v}" for k, v in values.items()])
+    return plan_training(config, parse_mesh(mesh), 16)
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny):
+    return _plan(tiny)
+
+
+@pytest.mark.slow
+def test_one_device_plan_agrees_with_a_hand_count_of_the_bytes(tiny, baseline):
+    """fsdp=1: policy fp32, AdamW's two fp32 moments, reference and encoders fp32 (the tiny config), batch;
+    XLA's arguments are those minus what the step never reads (VAE decoder, CLIP-L's unused last layer)."""
+    unet = _count(_torch_module(tiny, "unet").named_parameters())
+    assert baseline.policy_params == 4 * unet
+    assert baseline.reference == 4 * unet
+    assert baseline.optimizer_state == 2 * 4 * unet + 4  # mu, nu and the int32 count
+    assert baseline.accumulator == 0
+    encoders = {name: _torch_module(tiny, name) for name in ("vae", "text_encoder", "text_encoder_2")}
+    assert baseline.encoders == 4 * sum(_count(m.named_parameters()) for m in encoders.values())
+    pairs, res = 2, 32
+    assert baseline.batch == pairs * (2 * res * res * 3 * 4 + 2 * 77 * 4 + 2 * 6 * 4)
+    last = f"text_model.encoder.layers.{encoders['text_encoder'].config.num_hidden_layers - 1}."
+    never_read = {"vae": ("decoder.", "post_quant_conv."),  # the step only encodes
+                  "text_encoder": (last, "text_model.final_layer_norm.")}  # SDXL reads the penultimate layer
+    unused = 4 * sum(_count(encoders[name].named_parameters())
+                     - _count(encoders[name].named_parameters(), skip=prefixes)
+                     for name, prefixes in never_read.items())
+    assert baseline.step_and_key == 4 + 8  # int32 step, two uint32 key words
+    assert baseline.arguments == baseline.held - unused
+    assert baseline.unused == unused
+    assert baseline.peak == baseline.held + baseline.outputs - baseline.aliased + baseline.temporaries
+
+
+@pytest.mark.slow
+def test_sharding_remat_and_micro_batch_show_in_the_plan(tiny, baseline):
+    sharded = _plan(tiny, mesh="data=2,fsdp=4")
+    assert sharded.policy_params < baseline.policy_params / 2  # most bytes are in kernels split over fsdp
+    assert sharded.batch == baseline.batch  # 2 pairs per device either way
+    remat = _plan(tiny, **{"model.remat": "full"})
+    assert remat.temporaries < baseline.temporaries
+    assert remat.flops_per_device > baseline.flops_per_device  # the recomputed forward
+    lora = _plan(tiny, **{"model.lora_rank": 4})
+    assert lora.reference == baseline.reference  # the base UNet, frozen, serves as the reference
+    assert lora.policy_params < baseline.policy_params / 10 and lora.optimizer_state < baseline.optimizer_state / 10
+    bigger = _plan(tiny, **{"train.pairs_per_device": 4})
+    assert bigger.temporaries > baseline.temporaries
+    assert bigger.flops_per_device == pytest.approx(2 * baseline.flops_per_device, rel=0.1)
+    small = dataclasses.replace(baseline, device_memory=baseline.peak - 1)
+    assert baseline.fits and not small.fits
+    assert "does NOT fit" in small.report() and "fits in 16 GiB" in baseline.report()
+    assert baseline.device_memory == 16 * GIB

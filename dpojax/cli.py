@@ -29,6 +29,14 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, config_path=args.config, seed=args.seed, steps=args.steps)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from dpojax.plan import plan_from_command_line
+
+    plan = plan_from_command_line(args.config, args.overrides, args.mesh, args.device_memory, args.arch_dir)
+    print(plan.report())
+    return 0 if plan.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpojax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,10 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default: the config's)")
     p.set_defaults(run=_demo)
 
+    p = sub.add_parser("plan", help="compile a config's training step on fake CPU devices and report per-device "
+                                    "memory and FLOPs (exit 1 when it does not fit)")
+    p.add_argument("config", help="YAML file, e.g. configs/sdxl_dpo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.remat=none train.pairs_per_device=2")
+    p.add_argument("--mesh", help="axis sizes, e.g. data=1,fsdp=8,tensor=1 (default: the config's mesh)")
+    p.add_argument("--device-memory", type=float, default=16.0, help="GiB per device (default 16)")
+    p.add_argument("--arch-dir", help="pipeline folder with the architecture configs (default: model.pretrained "
+                                      "if it exists, else configs/arch/<model.arch>)")
+    p.set_defaults(run=_plan)
+
+    from dpojax.bench import register_cli as register_bench
     from dpojax.data.cli import register_cli as register_data
+    from dpojax.feedback.cli import register_cli as register_feedback
     from dpojax.train.cli import register_cli as register_train
 
+    register_bench(sub)
     register_data(sub)
+    register_feedback(sub)
     register_train(sub)
     return parser
 

@@ -47,10 +47,19 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute dtype of the UNets
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # policy master weights
     reference_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # frozen reference weights
-    remat: Literal["none", "full", "dots_saveable"] = "none"  # activation checkpointing of UNet blocks
-    lora_rank: int = _field(0, _NON_NEGATIVE)  # 0 trains the full UNet
-    lora_alpha: float | None = None  # None: alpha = rank (scale 1)
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Activation checkpointing per UNet block (down/mid/up): "full" recomputes a block's inside in the backward
+    # pass, keeping only its inputs; "dots_saveable" keeps its matmul outputs and recomputes the rest.
+    remat: Literal["none", "full", "dots_saveable"] = "none"
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"  # kernel; auto: cudnn on GPU, splash on TPU
+    lora_rank: int = _field(0, _NON_NEGATIVE)  # 0 trains the full UNet; r > 0 trains rank-r adapters only
+    lora_alpha: float | None = _field(None, _POSITIVE)  # adapters scale by alpha/rank; None: alpha = rank
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # linear layers: names or path suffixes
+
+    def __post_init__(self):
+        if self.lora_alpha is not None and not self.lora_rank:
+            raise ConfigError("config: model.lora_alpha applies only when model.lora_rank > 0")
+        if self.lora_rank and not self.lora_targets:
+            raise ConfigError("config: model.lora_targets must name at least one layer when model.lora_rank > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +124,7 @@ class TrainConfig:
                                        "a bowl of fruit on a table")
     sample_steps: int = _field(20, _POSITIVE)  # DDIM steps (eta 0) of the sample grids
     sample_guidance: float = _field(5.0, _POSITIVE)
-    export: Literal["pipeline", "unet", "none"] = "pipeline"  # written to <output_dir>/final at the end
+    export: Literal["pipeline", "unet", "lora", "none"] = "pipeline"  # written to <output_dir>/final at the end
     debug_nan_at_step: int = _field(0, _NON_NEGATIVE)  # test hook: make this step's loss NaN (0: off)
 
 
@@ -138,6 +147,13 @@ class LoggingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class D3POConfig:
+    """D3PO online training (``objective: d3po``) and the human-feedback rounds (``dpojax d3po ...``).
+
+    Batch sizes are per device along the batch mesh axes, as D3PO's are per GPU. One optimizer step takes
+    ``train_batch_size`` pairs per device and accumulates all K = int(num_steps·timestep_fraction) of their
+    denoising steps; the run lasts ``num_epochs`` epochs (``train.steps`` is not used).
+    """
+
     num_steps: int = _field(20, _POSITIVE)  # DDIM sampling steps
     eta: float = _field(1.0, _check(lambda v: v > 0, "> 0 (the log-prob needs a stochastic step)"))
     guidance_scale: float = 5.0
@@ -148,9 +164,17 @@ class D3POConfig:
     num_batches_per_epoch: int = _field(2, _POSITIVE)
     num_epochs: int = _field(400, _POSITIVE)
     num_inner_epochs: int = _field(1, _POSITIVE)
-    train_batch_size: int = _field(1, _POSITIVE)  # pairs per optimizer step
-    reward: str = "jpeg_compressibility"
-    prompts: str = "simple_animals"
+    train_batch_size: int = _field(1, _POSITIVE)  # pairs per device per optimizer step
+    eval_every: int = _field(10, _NON_NEGATIVE)  # epochs between evaluations of fresh single samples (0: never)
+    eval_batch_size: int = _field(10, _POSITIVE)  # single images per device per evaluation
+    reward: str = "jpeg_compressibility"  # a dpojax.feedback.scorers spec (name, "module:callable", or a,b)
+    clip_model: str | None = None  # the aesthetic scorer's local CLIP ViT-L/14 folder
+    aesthetic_head: str | None = None  # the aesthetic scorer's local LAION predictor weights
+    prompts: tuple[str, ...] = ()  # prompts drawn uniformly with replacement ...
+    prompt_file: str | None = None  # ... or from this text file, one prompt per line
+    images_per_prompt: int = _field(7, _check(lambda v: v >= 2, ">= 2"))  # human rounds: images per prompt
+    round_prompts: int = _field(143, _POSITIVE)  # human rounds: prompts per round (D3PO: ~1,000 images)
+    seed: int | None = None  # human rounds: sampling seed (None: a fresh one, recorded in the round)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +187,19 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     logging: LoggingConfig = LoggingConfig()
     d3po: D3POConfig = D3POConfig()
+    objective: Literal["dpo", "d3po"] = "dpo"  # offline Diffusion-DPO on pairs, or online D3PO
 
     def __post_init__(self):
+        if self.objective == "d3po":
+            if bool(self.d3po.prompts) == (self.d3po.prompt_file is not None):
+                raise ConfigError("config: objective 'd3po' needs exactly one of d3po.prompts (a list) or "
+                                  "d3po.prompt_file (one prompt per line)")
+            if self.optim.grad_accum != 1:
+                raise ConfigError(f"config: optim.grad_accum must be 1 for objective 'd3po' (the step already "
+                                  f"accumulates every timestep; raise d3po.train_batch_size), "
+                                  f"got {self.optim.grad_accum}")
+        if self.train.export == "lora" and not self.model.lora_rank:
+            raise ConfigError("config: train.export 'lora' needs model.lora_rank > 0")
         if self.loss.label_smoothing and self.loss.type != "robust":
             raise ConfigError(f"config: loss.label_smoothing applies only to loss.type 'robust', "
                               f"got type {self.loss.type!r}")
@@ -202,6 +237,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return apply_overrides(raw, overrides)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """The validated config of a plain mapping (e.g. one saved with ``to_dict``) after ``a.b=value`` overrides."""
+    raw = _to_plain(raw)  # a copy: the caller's mapping is left as it was
     for override in overrides:
         _apply_override(raw, override)
     return Config.from_dict(raw)

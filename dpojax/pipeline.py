@@ -82,12 +82,16 @@ Predictor = Callable[[jax.Array, jax.Array], jax.Array]
 
 def guided_predictor(unet: nnx.Module, cond: TextConditioning, uncond: TextConditioning | None,
                      guidance_scale) -> Predictor:
-    """``predict(x, t)`` for the DDIM loop: one UNet call, on a batch of 2B when guidance is on."""
+    """``predict(x, t)`` for the DDIM loop: one UNet call, on a batch of 2B when guidance is on.
+
+    ``t`` is one timestep for the batch or one per sample, shape ``(B,)`` (D3PO re-scores pairs at their
+    own timesteps)."""
     if uncond is None:
         return lambda x, t: unet(x, t, cond.hidden_states, added_cond_kwargs=cond.added_cond_kwargs())
     both = concat_conditioning(uncond, cond)
 
     def predict(x: jax.Array, t: jax.Array) -> jax.Array:
+        t = t if jnp.ndim(t) == 0 else jnp.concatenate([t, t])
         out = unet(jnp.concatenate([x, x]), t, both.hidden_states, added_cond_kwargs=both.added_cond_kwargs())
         out_uncond, out_cond = jnp.split(out, 2)
         return sched.classifier_free_guidance(out_uncond, out_cond, guidance_scale)

@@ -15,17 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 from safetensors.numpy import load_file
 
 from dpojax import cli, parallel
-from dpojax.config import ConfigError, load_config
+from dpojax.config import load_config
 from dpojax.data.pickapic import prepare_pickapic
 from dpojax.data.pipeline import PairLoaderConfig, make_pair_loader
-from dpojax.data.synth import write_synthetic_pickapic
+from dpojax.data.synth import preference_score, write_synthetic_pickapic
 from dpojax.models import UNet2DConditionModel
 from dpojax.tiny import write_tiny_pipeline
 from dpojax.train.evaluate import implicit_accuracy
+from dpojax.train.samples import policy_pipeline
 from dpojax.train.state import load_components, split_params
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny_sdxl_dpo.yaml"
@@ -183,25 +185,27 @@ def test_unknown_config_key_is_one_line_error(capsys, workdir):
     assert cli.main(["train", str(CONFIG), "train.stepz=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "dpojax train: error: config: unknown key 'train.stepz' (did you mean 'train.steps'?)"
-    with pytest.raises(ConfigError, match="model.lora_rank"):
-        from dpojax.train.state import check_supported
-
-        check_supported(load_config(CONFIG, ["model.lora_rank=4"]))
 
 
-def test_dpo_learns_the_preference_on_held_out_pairs(workdir):
-    """Synthetic pairs (the brighter image wins): after 40 DPO steps the policy ranks unseen validation pairs
-    like the labels far above chance (u averaged over 4 noise/timestep draws per pair), while the reference
-    against itself gives u = 0 exactly on every pair."""
+def test_dpo_learns_the_preference(workdir):
+    """Synthetic pairs (the brighter image wins), 60 DPO steps.
+
+    Held out: the policy ranks unseen validation pairs like the labels far above chance (u averaged over 4
+    noise/timestep draws per pair), while the reference against itself gives u = 0 exactly on every pair.
+    Samples: from the same fresh noise, the policy's images are brighter than the reference's for clearly more
+    than half of 128 prompts (one-sided sign test, p < 0.01).
+    """
     run = "learning"
-    rc, log = finish(start(workdir, run, **{"train.steps": 40, "train.checkpoint_every": 0}), workdir, run)
+    rc, log = finish(start(workdir, run, **{"train.steps": 60, "train.checkpoint_every": 0}), workdir, run)
     assert rc == 0, log
     import jax
+    from scipy.stats import binomtest
 
     mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     config = load_config(CONFIG, overrides(workdir, run))
     components, reference_params, frozen = load_components(config, mesh)
-    _, trained = split_params(UNet2DConditionModel.from_pretrained(workdir / run / "final", mesh=mesh))
+    trained_unet = UNet2DConditionModel.from_pretrained(workdir / run / "final", mesh=mesh)
+    _, trained = split_params(trained_unet)
     loader = make_pair_loader(PairLoaderConfig(data_dir=str(workdir / "pairs"), split="validation", batch_size=8,
                                                resolution=32, shuffle=False, num_epochs=1, caption_dropout=0.0,
                                                flip="none"))
@@ -212,3 +216,12 @@ def test_dpo_learns_the_preference_on_held_out_pairs(workdir):
     assert policy["pairs"] >= 56
     assert policy["implicit_acc"] > 0.75, policy  # chance is 0.5 ± 0.07 at 56 pairs
     assert reference["ties"] == reference["pairs"] and reference["implicit_acc"] == 0.0
+
+    prompts = [f"a photo, number {i}" for i in range(128)]
+    brightness = {}
+    for name, unet in (("reference", nnx.merge(components.reference, frozen["reference"])),
+                       ("policy", trained_unet)):
+        pipe = policy_pipeline(components, unet, frozen)
+        brightness[name] = preference_score(pipe.sample(prompts, num_steps=10, seed=7, height=32, width=32))
+    brighter = int(np.sum(brightness["policy"] > brightness["reference"]))
+    assert binomtest(brighter, len(prompts), alternative="greater").pvalue < 0.01, brighter

@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from dpojax.train.state import TrainState
+from dpojax.train.optim import opt_state_shardings
+from dpojax.train.state import TrainState, shardings_of
 
 ITEMS = ("params", "train", "meta")
 
@@ -68,3 +72,29 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def train_state_shardings(tx: optax.GradientTransformation, params, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shardings of the ``TrainState`` around ``params`` (placed on ``mesh``) for any objective."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_shardings = shardings_of(params)
+    return TrainState(replicated, param_shardings, opt_state_shardings(tx, params, param_shardings, replicated),
+                      replicated)
+
+
+def start_state(checkpointer: Checkpointer, tx: optax.GradientTransformation, params, shardings: TrainState,
+                seed: int) -> tuple[TrainState, dict[str, Any] | None]:
+    """The run's starting point, for any objective: (state, checkpoint metadata or None).
+
+    A fresh run starts from the pretrained ``params`` with a new optimizer state and the PRNG key of ``seed``.
+    Otherwise the latest checkpoint is restored and ``params`` only gives shapes: pass
+    ``abstract_like(params, shardings.params)`` then, so the pretrained weights are freed before the restore.
+    """
+    latest = checkpointer.latest_step()
+    if latest is None:
+        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+        key = jax.random.key_data(jax.random.key(seed))
+        return jax.device_put(TrainState(jnp.int32(0), params, opt_state, key), shardings), None
+    target = abstract_like(TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params),
+                                      jax.ShapeDtypeStruct((2,), jnp.uint32)), shardings)
+    return checkpointer.restore(latest, target)

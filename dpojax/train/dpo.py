@@ -20,16 +20,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dpojax import parallel
 from dpojax.config import Config
-from dpojax.train.checkpoint import Checkpointer, abstract_like
-from dpojax.train.export import write_unet
+from dpojax.distributed import any_process, is_primary
+from dpojax.train.checkpoint import Checkpointer, abstract_like, start_state, train_state_shardings
+from dpojax.train.export import write_policy
 from dpojax.train.metrics import MetricsLog, mean_metrics
-from dpojax.train.optim import make_optimizer, opt_state_shardings
+from dpojax.train.optim import make_optimizer
 from dpojax.train.samples import write_sample_grid
-from dpojax.train.state import TrainState, load_components, shardings_of
+from dpojax.train.state import TrainState, load_components, policy_unet_params, shardings_of
 from dpojax.train.step import device_batch, host_batch, make_step_functions
 
 
@@ -56,6 +56,13 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
+    def agreed(self) -> bool:
+        """Whether to stop now, the same answer on every process: a signal that reached one host stops all
+        of them after the same step (the others record it as SIGTERM)."""
+        if any_process(self.signal_name is not None) and self.signal_name is None:
+            self.signal_name = signal.SIGTERM.name
+        return self.signal_name is not None
+
     @contextlib.contextmanager
     def installed(self):
         previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
@@ -64,6 +71,26 @@ class StopRequest:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def check_finite(loss: float, step: int, checkpointer: Checkpointer) -> None:
+    """Stop at a NaN/inf loss, naming the step and the last good checkpoint (the bad state is never saved)."""
+    if math.isfinite(loss):
+        return
+    checkpointer.wait()
+    last = checkpointer.latest_step()
+    kept = f"last good checkpoint: {checkpointer.directory / str(last)}" if last is not None else \
+        "no checkpoint was written"
+    raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}; training stopped, {kept}")
+
+
+def export_final(config: Config, components, params, run_dir: Path, log: MetricsLog) -> Path | None:
+    """Write the trained UNet to ``<run_dir>/final`` as ``train.export`` says (None when "none")."""
+    if config.train.export == "none":
+        return None
+    final = write_policy(components.unet, params, run_dir / "final", config.train.export, config)
+    log.print(f"exported the final {config.train.export} to {final}")
+    return final
 
 
 def make_loader(config: Config, pairs_per_process: int):
@@ -95,25 +122,18 @@ def train(config: Config, *, out=None) -> TrainResult:
                          f"{jax.process_count()} processes")
     components, params, frozen = load_components(config, mesh)
     tx, lr_schedule = make_optimizer(config.optim, config.learning_rate(batch_devices))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    param_shardings = shardings_of(params)
-    state_shardings = TrainState(replicated, param_shardings,
-                                 opt_state_shardings(tx, params, param_shardings, replicated), replicated)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
     loader_iter = iter(make_loader(config, pairs_per_micro_batch // jax.process_count()))
-    latest = checkpointer.latest_step()
-    if latest is None:
-        opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
-        key = jax.random.key_data(jax.random.key(config.train.seed))
-        state = jax.device_put(TrainState(jnp.int32(0), params, opt_state, key), state_shardings)
-    else:
-        target = abstract_like(TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                                          jax.eval_shape(tx.init, params),
-                                          jax.ShapeDtypeStruct((2,), jnp.uint32)), state_shardings)
-        del params  # the checkpoint replaces the pretrained weights: free them before restoring
-        state, meta = checkpointer.restore(latest, target)
+    state_shardings = train_state_shardings(tx, params, mesh)
+    if checkpointer.latest_step() is not None:  # free the pretrained weights before restoring
+        params = abstract_like(params, state_shardings.params)
+    state, meta = start_state(checkpointer, tx, params, state_shardings, config.train.seed)
+    del params
+    if meta is not None:
         loader_iter.set_state(meta["data_state"].encode())
-        print(f"resumed from {checkpointer.directory / str(latest)} (step {latest})", file=out, flush=True)
+        if is_primary():
+            print(f"resumed from {checkpointer.directory / str(meta['step'])} (step {meta['step']})", file=out,
+                  flush=True)
     step_fns = make_step_functions(components, config, tx, lr_schedule, mesh, state_shardings,
                                    shardings_of(frozen), parallel.batch_sharding(mesh))
     start = int(jax.device_get(state.step))
@@ -125,8 +145,8 @@ def train(config: Config, *, out=None) -> TrainResult:
         checkpointer.save(state, {**meta_base, "data_state": loader_iter.get_state().decode()})
 
     def sample(state: TrainState, step: int) -> None:
-        path = write_sample_grid(config, components, nnx.merge(components.unet, state.params), frozen, step,
-                                 run_dir)
+        unet = nnx.merge(components.unet, policy_unet_params(components, state.params, frozen))
+        path = write_sample_grid(config, components, unet, frozen, step, run_dir)
         if path is not None:
             log.print(f"wrote the sample grid {path}")
 
@@ -143,12 +163,7 @@ def train(config: Config, *, out=None) -> TrainResult:
                           f"{checkpointer.directory / str(step)}")
                 return TrainResult(step, run_dir, interrupted_by=stop.signal_name)
         checkpointer.wait()
-        final = None
-        if config.train.export != "none":
-            final = write_unet(nnx.merge(components.unet, state.params), run_dir / "final",
-                               config.train.export, config.model.pretrained)
-            log.print(f"exported the final {config.train.export} to {final}")
-        return TrainResult(step, run_dir, final=final)
+        return TrainResult(step, run_dir, final=export_final(config, components, state.params, run_dir, log))
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -174,12 +189,7 @@ def _run_steps(config, components, step_fns, state, frozen, loader_iter, log, sa
             micro_metrics.append(metrics)
         metrics = mean_metrics(jax.device_get(micro_metrics))
         done = step + 1
-        if not math.isfinite(metrics["loss"]):
-            checkpointer.wait()
-            last = checkpointer.latest_step()
-            kept = f"last good checkpoint: {checkpointer.directory / str(last)}" if last is not None else \
-                "no checkpoint was written"
-            raise NonFiniteLoss(f"non-finite loss ({metrics['loss']}) at step {done}; training stopped, {kept}")
+        check_finite(metrics["loss"], done, checkpointer)
         now = time.perf_counter()
         if window_start is None:  # the first step includes compilation: measure from its end
             window_start, speed = now, None
@@ -189,10 +199,11 @@ def _run_steps(config, components, step_fns, state, frozen, loader_iter, log, sa
         show = done % config.train.log_every == 0 or done == total or done == start + 1
         log.write(done, metrics, pairs_per_second=speed, show=show)
         every = config.train.checkpoint_every
-        if (every and done % every == 0) or done == total or stop.signal_name is not None:
+        stopping = stop.agreed()
+        if (every and done % every == 0) or done == total or stopping:
             save(state)
         if sample_every and done % sample_every == 0:
             sample(state, done)
-        if stop.signal_name is not None:
+        if stopping:
             break
     return state

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from dpojax import schedule as sched
-from dpojax.train.state import Components
+from dpojax.train.state import Components, policy_unet_params
 from dpojax.train.step import denoiser_mse, device_batch, host_batch, micro_batch_inputs, winners_first
 
 
@@ -25,7 +25,8 @@ def make_pair_logits(components: Components, beta: float):
         latents, noise, timesteps, cond = micro_batch_inputs(components, frozen, batch, key, 2)
         noisy = sched.add_noise(components.schedule, latents, noise, timesteps)
         target = sched.training_target(components.schedule, latents, noise, timesteps)
-        model = winners_first(denoiser_mse(components.unet, params, components, noisy, timesteps, target, cond))
+        policy = policy_unet_params(components, params, frozen)
+        model = winners_first(denoiser_mse(components.unet, policy, components, noisy, timesteps, target, cond))
         ref = winners_first(denoiser_mse(components.reference, frozen["reference"], components, noisy,
                                          timesteps, target, cond))
         half = model.shape[0] // 2

@@ -2,7 +2,9 @@
 
 ``unet``: a ``UNet2DConditionModel`` folder (config.json + safetensors). ``pipeline``: the base pipeline
 folder (``model.pretrained``) with its ``unet`` replaced, loadable with ``DiffusionPipeline.from_pretrained``.
-Both are written atomically: the target appears whole or not at all.
+``lora`` (LoRA runs only): the adapters alone in diffusers' LoRA format, for ``pipe.load_lora_weights(folder)``
+on the base pipeline; a LoRA run's ``unet`` and ``pipeline`` exports hold the full UNet with the adapters
+merged into the base weights. All are written atomically: the target appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -13,22 +15,48 @@ import jax
 from flax import nnx
 
 from dpojax.config import Config
+from dpojax.models.lora import split_adapters
 from dpojax.train.checkpoint import Checkpointer
-from dpojax.train.state import DTYPES, split_params
+from dpojax.train.state import DTYPES, abstract_lora_policy, lora_spec, split_params
 from dpojax.weights.io import abstract_module, save_pipeline, save_pretrained
+from dpojax.weights.lora import merged_unet, save_lora
 
-EXPORT_KINDS = ("pipeline", "unet")
+UNET_KINDS = ("pipeline", "unet")
+EXPORT_KINDS = (*UNET_KINDS, "lora")
 
 
 def write_unet(unet: nnx.Module, out: str | Path, kind: str, base: str | Path | None) -> Path:
     """Write ``unet`` as a UNet folder or as ``base`` with the UNet replaced."""
-    if kind not in EXPORT_KINDS:
-        raise ValueError(f"export kind {kind!r} is not one of {', '.join(EXPORT_KINDS)}")
+    if kind not in UNET_KINDS:
+        raise ValueError(f"export kind {kind!r} is not one of {', '.join(UNET_KINDS)}")
     if kind == "unet":
         return save_pretrained(unet, out)
     if base is None:
         raise ValueError("a pipeline export needs the base pipeline folder (model.pretrained)")
     return save_pipeline(base, out, {"unet": unet})
+
+
+def write_policy(graph: nnx.GraphDef, params, out: str | Path, kind: str, config: Config,
+                 base: str | Path | None = None) -> Path:
+    """Write the policy as the trainer holds it: ``graph`` (``components.unet``) and the trainable ``params``,
+    the whole UNet or, in a LoRA run, the adapters (merged kinds read the base UNet from ``base`` or
+    ``model.pretrained``)."""
+    if kind not in EXPORT_KINDS:
+        raise ValueError(f"export kind {kind!r} is not one of {', '.join(EXPORT_KINDS)}")
+    spec = lora_spec(config.model)
+    base = base or config.model.pretrained
+    if kind == "lora":
+        if spec is None:
+            raise ValueError("export kind 'lora' needs a LoRA run (model.lora_rank > 0); this one trained the "
+                             "full UNet")
+        return save_lora(params, out, spec)
+    if spec is None:
+        unet = nnx.merge(graph, params)
+    elif base is None:
+        raise ValueError("a merged LoRA export needs the base pipeline folder (model.pretrained or --base)")
+    else:
+        unet = merged_unet(base, params, spec.scale, dtype=DTYPES[config.model.param_dtype])
+    return write_unet(unet, out, kind, base)
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, int]:
@@ -47,7 +75,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, kind: str = "pipeline",
                       base: str | Path | None = None) -> Path:
-    """Export the policy UNet of a checkpoint (the latest one for a run folder); returns ``out``."""
+    """Export the policy of a checkpoint (the latest one for a run folder) as ``kind``; returns ``out``."""
     from dpojax.models.unet import UNet2DConditionModel
 
     directory, step = find_checkpoint(checkpoint)
@@ -55,13 +83,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, kind: str = "p
     try:
         meta = checkpointer.restore_meta(step)
         config = Config.from_dict(meta["config"])
-        dtype = DTYPES[config.model.param_dtype]
-        abstract = abstract_module(UNet2DConditionModel, meta["unet_config"], param_dtype=dtype)
-        graph, abstract_params = split_params(abstract)
+        spec = lora_spec(config.model)
+        if spec is None:
+            abstract = abstract_module(UNet2DConditionModel, meta["unet_config"],
+                                       param_dtype=DTYPES[config.model.param_dtype])
+            graph, abstract_params = split_params(abstract)
+        else:  # the checkpoint holds the adapters alone
+            graph, abstract_state = abstract_lora_policy(meta["unet_config"], spec, config.model)
+            abstract_params = split_adapters(nnx.to_pure_dict(abstract_state))[1]
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                               abstract_params)
         params, _ = checkpointer.restore_params(step, target)
     finally:
         checkpointer.close()
-    return write_unet(nnx.merge(graph, params), out, kind, base or config.model.pretrained)
+    return write_policy(graph, params, out, kind, config, base)

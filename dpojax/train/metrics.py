@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 from dpojax.config import LoggingConfig
 
-PROGRESS_KEYS = (("loss", "loss {:.4f}"), ("implicit_acc", "acc {:.3f}"), ("grad_norm", "|g| {:.3g}"),
-                 ("lr", "lr {:.3g}"))
+PROGRESS_KEYS = (("loss", "loss {:.4f}"), ("implicit_acc", "acc {:.3f}"), ("reward_mean", "reward {:.4g}"),
+                 ("eval_reward_mean", "eval reward {:.4g}"), ("grad_norm", "|g| {:.3g}"), ("lr", "lr {:.3g}"))
 
 
 def mean_metrics(micro_metrics: list[dict]) -> dict[str, float]:
@@ -38,11 +40,16 @@ class MetricsLog:
     """Writes one JSON object per logged optimizer step and prints a progress line.
 
     On resume, records of steps after the resumed checkpoint (written before a crash) are dropped, so the
-    file reads as one uninterrupted run.
+    file reads as one uninterrupted run. In a multi-process run only process 0 writes and prints; the others'
+    log is silent (every process computes the same replicated metrics).
     """
 
     def __init__(self, run_dir: str | Path, config: LoggingConfig, *, total_steps: int, resume_step: int,
                  run_config: dict, out=sys.stdout):
+        self.primary = jax.process_index() == 0
+        self.tensorboard = self.wandb = None
+        if not self.primary:
+            return
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
@@ -73,10 +80,13 @@ class MetricsLog:
                           dir=str(self.path.parent))
 
     def print(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        if self.primary:
+            print(line, file=self.out, flush=True)
 
     def write(self, step: int, metrics: dict[str, float], *, pairs_per_second: float | None,
               show: bool) -> None:
+        if not self.primary:
+            return
         record = {"step": step, "time": time.time(), **metrics}
         if pairs_per_second is not None:
             record["pairs_per_second"] = pairs_per_second

@@ -6,6 +6,12 @@ the same simple pytree. The policy UNet's fp32 master weights live in :class:`Tr
 state; the reference UNet (a second copy of the *initial* weights, in ``model.reference_dtype``), the VAE and
 the text encoders are frozen trees that are never differentiated, never optimized and never checkpointed:
 a resumed run reloads them from ``model.pretrained``.
+
+LoRA (``model.lora_rank`` > 0): the trainable params are the adapters alone (fp32, ``dpojax.models.lora``);
+the pretrained UNet is loaded once, in ``model.reference_dtype``, as ``frozen["reference"]``. The policy is
+``components.unet`` (the UNet with adapters) over those base weights plus the adapters
+(:func:`policy_unet_params`); the reference is ``components.reference`` (the same UNet without adapters) over
+the same base weights: adapters off, no second copy.
 """
 
 from __future__ import annotations
@@ -20,13 +26,17 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import CLIPTokenizer
 
+from dpojax import parallel
 from dpojax import schedule as sched
-from dpojax.config import Config, ConfigError
+from dpojax.config import Config, ConfigError, ModelConfig
 from dpojax.losses import REFERENCE_FREE_LOSSES
+from dpojax.models.lora import LoRASpec, add_lora, init_adapters, split_adapters, with_adapters
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PIPELINE_ARCH = {"StableDiffusionPipeline": ("sd15", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
-REMAT = {"none": False, "full": True}
+# model.remat -> the UNet's per-block remat: off, keep nothing inside a block, or keep its matmul results
+REMAT = {"none": False, "full": True, "dots_saveable": jax.checkpoint_policies.dots_saveable}
+LORA_INIT_STREAM = 0x6C6F7261  # folded into the run's seed for the adapters' initial values ("lora")
 
 
 @jax.tree_util.register_dataclass
@@ -59,6 +69,7 @@ class Components:
     is_sdxl: bool
     compute_dtype: Any
     unet_config: dict
+    lora: LoRASpec | None = None  # set: the policy is frozen["reference"] plus trainable adapters
 
 
 def split_params(module: nnx.Module) -> tuple[nnx.GraphDef, dict]:
@@ -88,9 +99,6 @@ def check_supported(config: Config) -> None:
     """One-line errors for settings this trainer does not implement yet."""
     if config.model.pretrained is None:
         raise ConfigError("config: model.pretrained must name a local diffusers pipeline folder, got null")
-    if config.model.lora_rank:
-        raise ConfigError(f"config: model.lora_rank={config.model.lora_rank} is not supported by the "
-                          f"offline trainer yet (use 0: full fine-tuning)")
     if config.model.remat not in REMAT:
         raise ConfigError(f"config: model.remat={config.model.remat!r} is not supported by the UNet "
                           f"(choose one of {', '.join(REMAT)})")
@@ -122,7 +130,8 @@ def load_components(config: Config, mesh: jax.sharding.Mesh) -> tuple[Components
     """Load every model of ``model.pretrained`` sharded over ``mesh``.
 
     Returns (components, policy params, frozen params); frozen holds "vae", "text_encoder",
-    ("text_encoder_2",) and, unless the loss is reference-free, "reference".
+    ("text_encoder_2",) and, unless the loss is reference-free, "reference". With LoRA the policy params are
+    the adapters and "reference" (always present) holds the base UNet they adapt.
     """
     from dpojax.models.unet import UNet2DConditionModel
 
@@ -133,14 +142,27 @@ def load_components(config: Config, mesh: jax.sharding.Mesh) -> tuple[Components
     frozen_dtype = DTYPES[config.model.reference_dtype]
     load = dict(compute_dtype=compute, mesh=mesh)
 
-    policy = UNet2DConditionModel.from_pretrained(folder, "unet", dtype=DTYPES[config.model.param_dtype],
-                                                  remat=REMAT[config.model.remat], **load)
-    unet_graph, policy_params = split_params(policy)
+    spec = lora_spec(config.model)
     frozen: dict[str, dict] = {}
     reference_graph = None
-    if config.loss.type not in REFERENCE_FREE_LOSSES:
-        reference_graph, frozen["reference"] = split_params(
-            UNet2DConditionModel.from_pretrained(folder, "unet", dtype=frozen_dtype, **load))
+    if spec is not None:  # one frozen copy of the base weights serves the reference and the policy
+        base = UNet2DConditionModel.from_pretrained(folder, "unet", dtype=frozen_dtype, **load)
+        unet_config = dict(base.config)
+        reference_graph, frozen["reference"] = split_params(base)
+        unet_graph, abstract = abstract_lora_policy(unet_config, spec, config.model, compute)
+        shardings = split_adapters(nnx.to_pure_dict(parallel.state_shardings(abstract, mesh)))[1]
+        abstract_adapters = split_adapters(nnx.to_pure_dict(abstract))[1]
+        key = jax.random.fold_in(jax.random.key(config.train.seed), LORA_INIT_STREAM)
+        policy_params = jax.jit(lambda k: init_adapters(abstract_adapters, spec.rank, k),
+                                out_shardings=shardings)(key)
+    else:
+        policy = UNet2DConditionModel.from_pretrained(folder, "unet", dtype=DTYPES[config.model.param_dtype],
+                                                      remat=REMAT[config.model.remat], **load)
+        unet_config = dict(policy.config)
+        unet_graph, policy_params = split_params(policy)
+        if config.objective == "d3po" or config.loss.type not in REFERENCE_FREE_LOSSES:
+            reference_graph, frozen["reference"] = split_params(
+                UNet2DConditionModel.from_pretrained(folder, "unet", dtype=frozen_dtype, **load))
     vae, (vae_graph, te_graph, te2_graph), encoder_params = load_encoders(config, mesh, is_sdxl)
     frozen.update(encoder_params)
     schedule = sched.NoiseSchedule.from_config(
@@ -152,8 +174,46 @@ def load_components(config: Config, mesh: jax.sharding.Mesh) -> tuple[Components
         schedule=schedule, vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor,
         latent_channels=vae.config["latent_channels"],
         vae_scale_factor=2 ** (len(vae.config["block_out_channels"]) - 1), is_sdxl=is_sdxl,
-        compute_dtype=compute, unet_config=dict(policy.config))
+        compute_dtype=compute, unet_config=unet_config, lora=spec)
     return components, policy_params, frozen
+
+
+def lora_spec(model: ModelConfig) -> LoRASpec | None:
+    """The adapters ``model.lora_*`` ask for; None for full fine-tuning (rank 0). Alpha defaults to the rank
+    (scale 1), as in PEFT and diffusers."""
+    if not model.lora_rank:
+        return None
+    alpha = float(model.lora_rank) if model.lora_alpha is None else model.lora_alpha
+    return LoRASpec(model.lora_rank, alpha, tuple(model.lora_targets))
+
+
+def abstract_lora_policy(unet_config: dict, spec: LoRASpec, model: ModelConfig,
+                         compute_dtype=None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The graph of the UNet with adapters and its abstract parameter state (shapes, dtypes, logical axes):
+    base weights in ``model.reference_dtype``, adapters in ``model.param_dtype``."""
+    from dpojax.models.unet import UNet2DConditionModel
+    from dpojax.weights.io import abstract_module
+
+    problems = []
+
+    def adapt(unet, rngs):  # errors are raised after the abstract evaluation, which would add lines to them
+        try:
+            return add_lora(unet, spec, rngs=rngs, lora_param_dtype=DTYPES[model.param_dtype])
+        except ValueError as err:
+            problems.append(err)
+            return unet
+
+    unet = abstract_module(UNet2DConditionModel, unet_config, adapt=adapt, dtype=compute_dtype,
+                           param_dtype=DTYPES[model.reference_dtype], remat=REMAT[model.remat])
+    if problems:
+        raise ConfigError(f"config: model.lora_targets: {problems[0]}")
+    return nnx.split(unet, nnx.Param)
+
+
+def policy_unet_params(components: Components, params, frozen: dict):
+    """The whole parameter tree of the policy UNet ``components.unet``: ``params`` themselves, or with LoRA
+    the frozen base weights ``frozen["reference"]`` plus the adapters ``params`` (gradients reach only them)."""
+    return params if components.lora is None else with_adapters(frozen["reference"], params)
 
 
 def shardings_of(tree):

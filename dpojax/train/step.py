@@ -33,7 +33,7 @@ from dpojax import schedule as sched
 from dpojax.config import Config, LossConfig
 from dpojax.models.vae import DiagonalGaussian
 from dpojax.pipeline import TextConditioning, encode_text
-from dpojax.train.state import Components, TrainState
+from dpojax.train.state import Components, TrainState, policy_unet_params
 
 
 def winners_first(x: jax.Array) -> jax.Array:
@@ -154,7 +154,8 @@ def make_step_functions(components: Components, config: Config, tx: optax.Gradie
         latents, noise, timesteps, cond = micro_batch_inputs(components, frozen, batch, key, images_per_pair)
 
         def loss_fn(params):
-            loss, metrics = preference_objective(components, loss_config, params, frozen.get("reference"),
+            policy = policy_unet_params(components, params, frozen)  # with LoRA: base weights + adapters
+            loss, metrics = preference_objective(components, loss_config, policy, frozen.get("reference"),
                                                  latents, noise, timesteps, cond)
             if nan_step:  # test hook: poison one step to exercise the non-finite-loss stop
                 loss = loss * jnp.where(state.step + 1 == nan_step, jnp.nan, 1.0)

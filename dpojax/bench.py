@@ -18,6 +18,7 @@ step (per device) and the device's dense bf16 peak when it is known.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import statistics
 import sys
@@ -319,8 +320,8 @@ def print_attention_kernels(out) -> None:
 
 def _torch_module():
     """``dpojax.bench_torch``, or (None, reason) when PyTorch or diffusers is not installed."""
-    try:
-        from dpojax import bench_torch
+    try:  # import_module, not `from dpojax import`: that finds a stale package attribute after a failed import
+        bench_torch = importlib.import_module("dpojax.bench_torch")
     except ImportError as err:
         return None, (f"PyTorch side not timed ({err.name or err} is not installed; "
                       f"`pip install dpojax[test]` adds torch and diffusers)")

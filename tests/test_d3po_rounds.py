@@ -62,17 +62,17 @@ def digest(folder: Path) -> dict[str, str]:
 def simulated_labels(round_dir: Path, annotator: str) -> Path:
     """What a person marking the brighter half of each prompt's images good writes: +1 above the prompt's
     median brightness, −1 below (the labeling page's format: a list over prompts of k scores)."""
-    images = read_round(round_dir, arrays=False).images
-    scores = brightness(images.reshape(-1, *images.shape[2:])).reshape(images.shape[:2])
+    scores = round_brightness(round_dir)
     labels = np.where(scores > np.median(scores, axis=1, keepdims=True), 1, -1).tolist()
     path = round_dir / "labels" / f"{annotator}.json"
     path.write_text(json.dumps(labels))
     return path
 
 
-def mean_brightness(round_dir: Path) -> float:
+def round_brightness(round_dir: Path) -> np.ndarray:
+    """(prompts, k) brightness of a round's images."""
     images = read_round(round_dir, arrays=False).images
-    return float(brightness(images.reshape(-1, *images.shape[2:])).mean())
+    return brightness(images.reshape(-1, *images.shape[2:])).reshape(images.shape[:2])
 
 
 def test_round_errors_name_the_culprit_and_keep_files(workdir):
@@ -113,18 +113,25 @@ def test_scorer_that_raises_is_one_line_and_keeps_checkpoints(workdir):
 
 
 def test_simulated_annotators_make_the_next_round_brighter(workdir):
+    """The tiny random VAE's images differ little in brightness (std ~0.0008 within a prompt), so the measure is
+    relative: the next round's mean (same prompts and noise) must move at least half way from round 1's mean to
+    the mean of the images the annotators preferred (measured: 0.39976 -> 0.40033, preferred 0.40045)."""
     r1, r2 = workdir / "round1", workdir / "round2"
     assert dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1).returncode == 0
     simulated_labels(r1, "alice")
     simulated_labels(r1, "bob")
     labels = read_labels(r1)
     assert labels.labeled.all() and labels.annotators == ["alice", "bob"]
-    trained = dpojax(workdir, "d3po", "train", r1, "d3po.num_epochs=3", "logging.tensorboard=false")
+    # lr 5e-5: at the online config's 3e-4, 72 steps on one round's 24 pairs drift the tiny UNet far from the
+    # sampling model and the next round's brightness does not move
+    trained = dpojax(workdir, "d3po", "train", r1, "d3po.num_epochs=3", "optim.lr=5e-5", "logging.tensorboard=false")
     assert trained.returncode == 0, trained.stderr
     final = r1 / "train" / "final"
     assert (final / "model_index.json").is_file()
     nxt = dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir, **{"model.pretrained": final}), "--out", r2)
     assert nxt.returncode == 0, nxt.stderr
-    before, after = mean_brightness(r1), mean_brightness(r2)
-    print(f"round 1 mean brightness {before:.4f}, round 2 {after:.4f}")
-    assert after > before + 0.01
+    first, second = round_brightness(r1), round_brightness(r2)
+    preferred = first[labels.scores > 0].mean()
+    print(f"round 1 mean brightness {first.mean():.5f}, preferred images {preferred:.5f}, "
+          f"round 2 {second.mean():.5f}")
+    assert second.mean() - first.mean() > 0.5 * (preferred - first.mean()) > 0

@@ -61,7 +61,7 @@ def process_sampler(num_records: int, local_batch: int, *, shuffle: bool, num_ep
     records (see the module docstring); with ``drop_remainder`` one global batch must fit in the records."""
     index, count = process or (jax.process_index(), jax.process_count())
     if drop_remainder and num_records < local_batch * count:
-        raise ValueError(f"{num_records} records are too few for {count} process(es) x batch_size {local_batch}")
+        raise ValueError(f"too few for {count} process(es) x batch_size {local_batch}")
     sampler = grain.samplers.IndexSampler(num_records=num_records, shuffle=shuffle, num_epochs=num_epochs,
                                           seed=seed)
     return ProcessSlices(sampler, local_batch, index, count)

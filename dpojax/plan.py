@@ -233,6 +233,9 @@ class Plan:
                      f"({100 * self.peak / self.device_memory:.0f}% used)")
         lines.append(f"FLOPs per optimizer micro-step: {self.flops_per_device / 1e12:.2f} TFLOP per device, "
                      f"{self.flops_per_device * devices / 1e12:.2f} TFLOP in all")
+        if self.remat != "none":
+            lines.append(f"note: with remat {self.remat} the temporaries are an upper bound: XLA:CPU's scheduler "
+                         f"places the recomputation early, so remat's activation saving on GPU/TPU does not show here")
         return "\n".join(lines)
 
 
@@ -271,7 +274,8 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
     batch = abstract_batch(config, components, folder, config.train.pairs_per_device * batch_devices,
                            batch_sharding)
     start = time.perf_counter()
-    compiled = step_fns.update.lower(state, accum, frozen, batch, scalar((), jnp.int32)).compile()
+    micro = scalar((), jnp.int32)  # the micro-step index within gradient accumulation
+    compiled = step_fns.update.lower(state, accum, frozen, batch, micro).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -281,7 +285,7 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
                 policy_params=device_bytes(params), optimizer_state=device_bytes(opt_state),
                 accumulator=device_bytes(accum), reference=device_bytes(frozen.get("reference")),
                 encoders=device_bytes(encoders), batch=device_bytes(batch),
-                step_and_key=device_bytes((state.step, state.key)), arguments=memory.argument_size_in_bytes,
+                step_and_key=device_bytes((state.step, state.key, micro)), arguments=memory.argument_size_in_bytes,
                 outputs=memory.output_size_in_bytes, aliased=memory.alias_size_in_bytes,
                 temporaries=memory.temp_size_in_bytes, flops_per_device=float(cost.get("flops", 0.0)),
                 device_memory=int(device_memory_gib * GIB), compile_seconds=seconds)

@@ -48,7 +48,8 @@ def _torch_module(folder: Path, name: str):
 
 
 def _count(named_parameters, skip=()) -> int:
-    return sum(p.numel() for n, p in named_parameters if not n.startswith(skip))
+    """Parameters whose names (without transformers 4.x's "text_model." prefix) do not start with ``skip``."""
+    return sum(p.numel() for n, p in named_parameters if not n.removeprefix("text_model.").startswith(skip))
 
 
 @pytest.mark.parametrize("arch", ["sd-v1-5", "sdxl-base-1.0"])
@@ -79,6 +80,7 @@ def test_mesh_option_is_parsed_and_bad_values_get_one_line_errors():
 def test_plan_command_errors_name_the_culprit(capsys, tmp_path):
     assert cli.main(["plan", str(CONFIG), "--mesh", "fsdp=3x"]) == 2
     assert "--mesh 'fsdp=3x'" in capsys.readouterr().err
+    assert len(jax.devices()) == 8  # the backend is up: plan cannot add fake devices (a fresh process could)
     assert cli.main(["plan", str(CONFIG), "--mesh", "fsdp=64"]) == 2  # more than the 8 test devices
     assert "needs 64 CPU devices" in capsys.readouterr().err
     assert cli.main(["plan", str(CONFIG), "--device-memory", "0"]) == 2
@@ -119,13 +121,13 @@ def test_one_device_plan_agrees_with_a_hand_count_of_the_bytes(tiny, baseline):
     assert baseline.encoders == 4 * sum(_count(m.named_parameters()) for m in encoders.values())
     pairs, res = 2, 32
     assert baseline.batch == pairs * (2 * res * res * 3 * 4 + 2 * 77 * 4 + 2 * 6 * 4)
-    last = f"text_model.encoder.layers.{encoders['text_encoder'].config.num_hidden_layers - 1}."
+    last = f"encoder.layers.{encoders['text_encoder'].config.num_hidden_layers - 1}."
     never_read = {"vae": ("decoder.", "post_quant_conv."),  # the step only encodes
-                  "text_encoder": (last, "text_model.final_layer_norm.")}  # SDXL reads the penultimate layer
+                  "text_encoder": (last, "final_layer_norm.")}  # SDXL reads the penultimate layer
     unused = 4 * sum(_count(encoders[name].named_parameters())
                      - _count(encoders[name].named_parameters(), skip=prefixes)
                      for name, prefixes in never_read.items())
-    assert baseline.step_and_key == 4 + 8  # int32 step, two uint32 key words
+    assert baseline.step_and_key == 4 + 8 + 4  # int32 step, two uint32 key words, int32 micro-step index
     assert baseline.arguments == baseline.held - unused
     assert baseline.unused == unused
     assert baseline.peak == baseline.held + baseline.outputs - baseline.aliased + baseline.temporaries
@@ -137,8 +139,10 @@ def test_sharding_remat_and_micro_batch_show_in_the_plan(tiny, baseline):
     assert sharded.policy_params < baseline.policy_params / 2  # most bytes are in kernels split over fsdp
     assert sharded.batch == baseline.batch  # 2 pairs per device either way
     remat = _plan(tiny, **{"model.remat": "full"})
-    assert remat.temporaries < baseline.temporaries
-    assert remat.flops_per_device > baseline.flops_per_device  # the recomputed forward
+    # The recomputed forward shows in the FLOPs. Its memory saving does not show on XLA:CPU, whose scheduler
+    # places the recomputation early (a 16-layer jax.checkpoint toy: 448 MiB of temporaries with remat, 388
+    # without), so the CPU plan's temporaries under remat are an upper bound for GPU/TPU.
+    assert remat.flops_per_device > 1.1 * baseline.flops_per_device
     lora = _plan(tiny, **{"model.lora_rank": 4})
     assert lora.reference == baseline.reference  # the base UNet, frozen, serves as the reference
     assert lora.policy_params < baseline.policy_params / 10 and lora.optimizer_state < baseline.optimizer_state / 10

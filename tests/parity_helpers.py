@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
 
+from dpojax.schedule import NoiseSchedule
+from dpojax.tiny import SCHEDULER
+from dpojax.train.state import Components
 from dpojax.weights import io, naming
 
 
@@ -44,3 +50,11 @@ def grads_as_torch(grads: nnx.State) -> dict[str, np.ndarray]:
 def rel_err(actual, expected) -> float:
     expected = np.asarray(expected, dtype=np.float64)
     return float(np.linalg.norm(np.asarray(actual, dtype=np.float64) - expected) / np.linalg.norm(expected))
+
+
+def unet_only_components(policy_graph, reference_graph) -> Components:
+    """SDXL-shaped Components with the UNets and schedule only: the objectives need nothing else."""
+    fields = {f.name: None for f in dataclasses.fields(Components)}
+    return Components(**{**fields, "unet": policy_graph, "reference": reference_graph,
+                         "schedule": NoiseSchedule.from_config(SCHEDULER), "compute_dtype": jnp.float32,
+                         "is_sdxl": True})

@@ -18,7 +18,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
-from parity_helpers import grads_as_torch, load_from_torch, perturb_, rel_err
+from parity_helpers import grads_as_torch, load_from_torch, perturb_, rel_err, unet_only_components
 
 from dpojax.config import D3POConfig
 from dpojax.losses import LN2
@@ -27,18 +27,11 @@ from dpojax.pipeline import TextConditioning
 from dpojax.schedule import NoiseSchedule, ddim_prev_timesteps, ddim_timesteps
 from dpojax.tiny import SCHEDULER, TEXT_HIDDEN, UNET_SDXL
 from dpojax.train.d3po_step import d3po_gradients
-from dpojax.train.state import Components, split_params
+from dpojax.train.state import split_params
 
 PAIRS, STEPS, LATENT = 3, 4, 8
 D3PO = D3POConfig(num_steps=STEPS, eta=1.0, guidance_scale=5.0, beta=0.1, eps=0.1)
 PREFERENCE = np.array([[1, -1], [-1, 1], [0, 0]], np.int32)  # A wins, B wins, a tie
-
-
-def unet_only_components(graph, reference_graph) -> Components:
-    fields = {f.name: None for f in dataclasses.fields(Components)}
-    return Components(**{**fields, "unet": graph, "reference": reference_graph,
-                         "schedule": NoiseSchedule.from_config(SCHEDULER), "compute_dtype": jnp.float32,
-                         "is_sdxl": True})
 
 
 @pytest.fixture(scope="module")

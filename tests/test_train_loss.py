@@ -9,7 +9,6 @@ rounding of each MSE becomes ~1e-4 in the loss at β = 5000. The 1e-4 check ther
 reference 10x further from the policy, so the logit is as large), and β = 5000 is checked to 1e-3.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,26 +18,17 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
-from parity_helpers import load_from_torch, perturb_, rel_err
+from parity_helpers import load_from_torch, perturb_, rel_err, unet_only_components
 
 from dpojax.config import LossConfig
 from dpojax.losses import LN2
 from dpojax.models import UNet2DConditionModel
 from dpojax.pipeline import TextConditioning
-from dpojax.schedule import NoiseSchedule
 from dpojax.tiny import SCHEDULER, TEXT_HIDDEN, UNET_SDXL
-from dpojax.train.state import Components, split_params
+from dpojax.train.state import split_params
 from dpojax.train.step import preference_objective
 
 PAIRS, LATENT = 3, 8
-
-
-def unet_only_components(policy_graph, reference_graph) -> Components:
-    """Components with the UNets and schedule only: the objective needs nothing else."""
-    fields = {f.name: None for f in dataclasses.fields(Components)}
-    return Components(**{**fields, "unet": policy_graph, "reference": reference_graph,
-                         "schedule": NoiseSchedule.from_config(SCHEDULER), "compute_dtype": jnp.float32,
-                         "is_sdxl": True})
 
 
 @pytest.fixture(scope="module")

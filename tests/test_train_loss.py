@@ -9,7 +9,6 @@ rounding of each MSE becomes ~1e-4 in the loss at β = 5000. The 1e-4 check ther
 reference 10x further from the policy, so the logit is as large), and β = 5000 is checked to 1e-3.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -38,7 +38,7 @@ VAE = {
     "block_out_channels": [32, 64],
     "layers_per_block": 1,
     "latent_channels": 4,
-    "norm_num_groups": 32,
+    "norm_num_groups": 8,  # several channels per group, as in the real VAEs (128/32): then latent colour survives
     "sample_size": 64,
 }
 

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
+from PIL import Image
 
 from dpojax import parallel
 from dpojax.config import Config, ConfigError, apply_overrides
@@ -49,6 +50,7 @@ from dpojax.train.metrics import MetricsLog
 from dpojax.train.optim import make_optimizer
 from dpojax.train.state import load_components, shardings_of
 from dpojax.train.step import device_batch
+from dpojax.weights.atomic import atomic_folder
 
 EVAL_STREAM, SAMPLE_STREAM = 2, 3  # fold_in tags of the evaluation's and the sampler's randomness
 SUM_METRICS = ("abs_log_ratio_sum", "abs_log_ratio_count", "wins", "decisive")  # summed, not averaged
@@ -240,7 +242,7 @@ def train_online(config: Config, *, out=None) -> TrainResult:
             for epoch in range(start, d3po.num_epochs):
                 record = {"epoch": epoch}
                 if d3po.eval_every and epoch % d3po.eval_every == 0:
-                    record.update(evaluate(run, prompts, scorer))
+                    record.update(evaluate(run, prompts, scorer, epoch))
                 steps_before, began = run.step, time.perf_counter()
                 buffer, reward_stats = sample_epoch(run, prompts, scorer, epoch)
                 step_metrics = train_epoch(run, buffer, epoch, stop)
@@ -254,7 +256,8 @@ def train_online(config: Config, *, out=None) -> TrainResult:
                 if run.should_save(steps_before) or epoch == d3po.num_epochs - 1:
                     run.save({"epoch": epoch + 1})
             if stop.signal_name is None and d3po.eval_every:
-                run.log.write(run.step, {"epoch": d3po.num_epochs, **evaluate(run, prompts, scorer)},
+                final_eval = evaluate(run, prompts, scorer, d3po.num_epochs)
+                run.log.write(run.step, {"epoch": d3po.num_epochs, **final_eval},
                               pairs_per_second=None, show=True)
             return run.finish(stop)
     finally:
@@ -304,13 +307,30 @@ def train_epoch(run: D3PORun, buffer: PairBuffer, epoch: int, stop: StopRequest)
     return metrics
 
 
-def evaluate(run: D3PORun, prompts: list[str], scorer) -> dict[str, float]:
+def evaluate(run: D3PORun, prompts: list[str], scorer, epoch: int) -> dict[str, float]:
     """Mean/std reward of one fresh image each for ``eval_batch_size`` prompts per device; the prompts and the
-    noise are the same at every evaluation of the run."""
+    noise are the same at every evaluation of the run. Process 0 also keeps its images and their rewards."""
     count = run.config.d3po.eval_batch_size * run.local_devices
     batch_prompts = local_prompts(prompts, count, [run.config.train.seed, EVAL_STREAM, jax.process_index()])
     result = run.sample_local(run.sample_one, batch_prompts, jax.random.fold_in(run.base_key, EVAL_STREAM), 1)
-    return global_stats(score_images(scorer, result["images"], batch_prompts), "eval_reward")
+    rewards = score_images(scorer, result["images"], batch_prompts)
+    if jax.process_index() == 0:
+        write_eval_samples(Path(run.config.train.output_dir) / "eval" / f"epoch_{epoch:04d}", result["images"],
+                           batch_prompts, rewards)
+    return global_stats(rewards, "eval_reward")
+
+
+def write_eval_samples(folder: Path, images: np.ndarray, prompts: list[str], rewards: np.ndarray) -> None:
+    """``NN.png`` and ``rewards.json`` (prompt and reward of each image), written all at once; an evaluation
+    repeated after a resume finds its folder and keeps it (same model, prompts and noise)."""
+    if folder.exists():
+        return
+    with atomic_folder(folder) as tmp:
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(tmp / f"{i:02d}.png")
+        samples = [{"image": f"{i:02d}.png", "prompt": p, "reward": r}
+                   for i, (p, r) in enumerate(zip(prompts, np.asarray(rewards).tolist(), strict=True))]
+        (tmp / "rewards.json").write_text(json.dumps(samples, indent=1))
 
 
 # --- human-feedback rounds ---------------------------------------------------------------------------------
@@ -359,7 +379,8 @@ class _SamplingModel:
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self.batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
         self.components, self.params, self.frozen = load_components(config, mesh)
-        self.frozen.pop("reference", None)
+        if self.components.lora is None:  # with LoRA the reference is the base the adapters sit on
+            self.frozen.pop("reference", None)
         self.sampler = make_sampler(self.components, config, mesh, shardings_of(self.params),
                                     shardings_of(self.frozen), group_size)
         self.batch_sharding = parallel.batch_sharding(mesh)

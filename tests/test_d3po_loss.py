@@ -4,7 +4,7 @@ PyTorch side: diffusers' ``UNet2DConditionModel`` (policy with grad, a slightly 
 classifier-free guidance as one batch of 2B, ``DDIMScheduler.alphas_cumprod`` and the DDIM step log-prob written
 out as in D3PO's ``ddim_with_logprob`` (``reference/d3po.md`` §1a), ``torch.clamp`` of the ratio, the loss of §3
 per timestep and ``(L_j / K).backward()`` accumulated over the K timesteps (§4).
-JAX side: ``dpojax.train.d3po_step.d3po_gradients`` (one ``lax.scan`` over the timesteps).
+JAX side: ``dpojax.train.d3po_step.d3po_gradients`` (one ``lax.scan`` over the timesteps, unrolled or rolled).
 """
 
 import dataclasses
@@ -119,7 +119,7 @@ def torch_d3po_grads(policy, reference, x):
     return grads, total, torch.cat(inside).double().mean().item()
 
 
-def jax_d3po(policy_split, reference_split, x):
+def jax_d3po(policy_split, reference_split, x, d3po=D3PO):
     graph, params = policy_split
     ref_graph, ref_params = reference_split
     components = unet_only_components(graph, ref_graph)
@@ -129,17 +129,18 @@ def jax_d3po(policy_split, reference_split, x):
 
     @jax.jit
     def run(p, rp):
-        return d3po_gradients(components, D3PO, p, {"reference": rp}, jnp.asarray(x["latents"]), cond, uncond,
+        return d3po_gradients(components, d3po, p, {"reference": rp}, jnp.asarray(x["latents"]), cond, uncond,
                               jnp.asarray(PREFERENCE), jnp.asarray(x["positions"]))
 
     grads, metrics = run(params, ref_params)
     return grads, jax.device_get(metrics)
 
 
-def test_gradient_matches_pytorch_reference_formula(models, inputs):
+@pytest.mark.parametrize("unroll", [0, 1], ids=["unrolled", "rolled-loop"])
+def test_gradient_matches_pytorch_reference_formula(models, inputs, unroll):
     policy, reference, policy_split, reference_split = models
     torch_grads, torch_loss, torch_inside = torch_d3po_grads(policy, reference, inputs)
-    grads, metrics = jax_d3po(policy_split, reference_split, inputs)
+    grads, metrics = jax_d3po(policy_split, reference_split, inputs, dataclasses.replace(D3PO, unroll=unroll))
     assert 0.1 < torch_inside < 0.95, f"the check needs ratios both inside and outside the band: {torch_inside}"
     assert float(metrics["inside_fraction"]) == pytest.approx(torch_inside)
     assert float(metrics["loss"]) == pytest.approx(torch_loss, abs=1e-6)

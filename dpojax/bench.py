@@ -172,20 +172,6 @@ def bench_mesh(config: Config) -> jax.sharding.Mesh:
     return parallel.make_mesh(*sizes, devices=devices)
 
 
-def with_attention_kernel(components, params: dict, frozen: dict, kernel: str, mesh):
-    """``components`` whose UNet graphs use attention ``kernel`` (``model.attention``)."""
-    from flax import nnx
-
-    from dpojax.models.attention import configure_attention
-    from dpojax.train.state import split_params
-
-    def configured(graph, tree):
-        return None if graph is None else split_params(configure_attention(nnx.merge(graph, tree), kernel, mesh))[0]
-
-    return dataclasses.replace(components, unet=configured(components.unet, params),
-                               reference=configured(components.reference, frozen.get("reference")))
-
-
 def _compile(jitted, *args) -> tuple[Any, float, float | None]:
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
@@ -206,8 +192,7 @@ class JaxSetup:
         self.config = config
         self.mesh = bench_mesh(config)
         self.batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        components, params, self.frozen = load_components(config, self.mesh)
-        self.components = with_attention_kernel(components, params, self.frozen, config.model.attention, self.mesh)
+        self.components, params, self.frozen = load_components(config, self.mesh)  # with model.attention's kernel
         self.tx, self.lr_schedule = make_optimizer(config.optim, config.learning_rate(self.batch_devices))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.param_shardings = shardings_of(params)

@@ -50,7 +50,7 @@ class ModelConfig:
     # Activation checkpointing per UNet block (down/mid/up): "full" recomputes a block's inside in the backward
     # pass, keeping only its inputs; "dots_saveable" keeps its matmul outputs and recomputes the rest.
     remat: Literal["none", "full", "dots_saveable"] = "none"
-    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"  # kernel; auto: cudnn on GPU, splash on TPU
+    attention: Literal["auto", "xla", "cudnn", "splash", "blocked"] = "auto"  # auto: cudnn on GPU, splash on TPU
     lora_rank: int = _field(0, _NON_NEGATIVE)  # 0 trains the full UNet; r > 0 trains rank-r adapters only
     lora_alpha: float | None = _field(None, _POSITIVE)  # adapters scale by alpha/rank; None: alpha = rank
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # linear layers: names or path suffixes

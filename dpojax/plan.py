@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from dpojax.train.state import (
     check_supported,
     lora_spec,
     read_pipeline_arch,
+    with_attention_kernel,
 )
 from dpojax.weights.folder import component_folder, read_config
 from dpojax.weights.io import abstract_module
@@ -59,8 +63,19 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+# XLA:CPU flags for planning. Its all-reduce combiner rebuilds a reachability map over the whole partitioned
+# step again and again (gdb: minutes on SDXL, quadratic); GPU/TPU compilers combine collectives their own way.
+# The memory-optimized scheduler keeps remat's recomputation next to its use, as GPU/TPU schedulers do
+# (SDXL temporaries at 1024 px, one depth-1 stack: 42 GiB with the default scheduler, 21 GiB with this one).
+PLAN_XLA_FLAGS = ("--xla_disable_hlo_passes=cpu-all-reduce-combiner",
+                  "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
+
+
 def use_fake_cpu_devices(count: int) -> None:
-    """Plan on ``count`` CPU devices; only possible before JAX starts its backends (the CLI calls this first)."""
+    """Plan on ``count`` CPU devices with :data:`PLAN_XLA_FLAGS`; only possible before JAX starts its backends
+    (the CLI calls this first)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in PLAN_XLA_FLAGS if f not in flags])
     try:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", count)
@@ -181,6 +196,7 @@ class Plan:
     mesh: dict[str, int]
     pairs_per_device: int
     remat: str
+    attention: str  # the kernel compiled (blocked stands in for cudnn/splash)
     policy_params: int
     optimizer_state: int
     accumulator: int  # fp32 gradient-accumulation buffer (optim.grad_accum > 1)
@@ -195,6 +211,7 @@ class Plan:
     flops_per_device: float
     device_memory: int
     compile_seconds: float
+    depths: tuple[int, int, int] | None = None  # (1, 2, full): XLA's numbers extrapolated from two depths
 
     @property
     def held(self) -> int:
@@ -226,25 +243,56 @@ class Plan:
                 ("outputs not aliased to inputs", self.outputs - self.aliased),
                 ("temporaries (XLA)", self.temporaries), ("peak", self.peak)]
         lines = [f"mesh {mesh} ({devices} devices), {self.pairs_per_device} pair(s) per device, "
-                 f"remat {self.remat}; compiled in {self.compile_seconds:.0f} s", "per device:"]
+                 f"remat {self.remat}, attention {self.attention}; compiled in {self.compile_seconds:.0f} s"]
+        if self.depths is not None:
+            one, two, full = self.depths
+            lines.append(f"XLA rows extrapolated linearly from compiles with the deepest transformer stacks cut "
+                         f"to {one} and {two} layers (of {full}); held rows counted at full depth")
+        lines.append("per device:")
         lines += [f"  {name:<30} {value / GIB:9.3f} GiB" for name, value in rows]
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict} in {self.device_memory / GIB:g} GiB per device "
                      f"({100 * self.peak / self.device_memory:.0f}% used)")
         lines.append(f"FLOPs per optimizer micro-step: {self.flops_per_device / 1e12:.2f} TFLOP per device, "
                      f"{self.flops_per_device * devices / 1e12:.2f} TFLOP in all")
-        if self.remat != "none":
-            lines.append(f"note: with remat {self.remat} the temporaries are an upper bound: XLA:CPU's scheduler "
-                         f"places the recomputation early, so remat's activation saving on GPU/TPU does not show here")
+        lines.append("note: temporaries are XLA:CPU's (memory-optimized scheduler); GPU and TPU compilers fuse and "
+                     "schedule differently, so leave headroom")
         return "\n".join(lines)
 
 
-def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib: float,
-                  arch_dir: str | Path | None = None) -> Plan:
-    """Compile ``config``'s training step for ``mesh_sizes`` on CPU devices and measure it."""
-    from dpojax.train.optim import make_optimizer, opt_state_shardings
-    from dpojax.train.step import make_step_functions
+PLAN_KERNEL = {"auto": "blocked", "cudnn": "blocked", "splash": "blocked"}  # fused kernels hold no score matrix
+EXTRAPOLATED = ("arguments", "outputs", "aliased", "temporaries", "flops_per_device")
 
+
+def deepest_stack(folder: Path) -> int:
+    """The most transformer layers in one block of the UNet (SDXL: 10)."""
+    layers = read_config(component_folder(folder, "unet")).get("transformer_layers_per_block", 1)
+    return max(np.ravel(layers).tolist())
+
+
+def shallow_copy(folder: Path, target: Path, depth: int) -> Path:
+    """The architecture folder's configs (no weights) with the deepest transformer stacks cut to ``depth``."""
+    shutil.copytree(folder, target, ignore=lambda _, names: [n for n in names if n.endswith(
+        (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx"))])
+    path = component_folder(target, "unet") / "config.json"
+    unet = json.loads(path.read_text())
+    deepest = deepest_stack(folder)
+    layers = np.asarray(unet.get("transformer_layers_per_block", 1))
+    unet["transformer_layers_per_block"] = np.where(layers == deepest, depth, layers).tolist()
+    path.write_text(json.dumps(unet))
+    return target
+
+
+def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib: float,
+                  arch_dir: str | Path | None = None, max_compiled_depth: int = 2) -> Plan:
+    """Compile ``config``'s training step for ``mesh_sizes`` on CPU devices and measure it.
+
+    A UNet deeper than ``max_compiled_depth`` transformer layers per block (SDXL's 10) is compiled with its
+    deepest stacks cut to 1 and to 2 layers, and XLA's numbers are extrapolated linearly in the depth (they are
+    linear: each layer adds its weights, its saved block input and its FLOPs); the held bytes are counted at
+    full depth. XLA:CPU's compile time grows faster than linearly with the step's size (SDXL at full depth
+    did not compile in 25 minutes on 2 cores), two shallow compiles take minutes.
+    """
     count = math.prod(mesh_sizes.values())
     devices = jax.devices("cpu")
     if len(devices) < count:
@@ -252,8 +300,31 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
                          f"(set the count before JAX starts, as `dpojax plan` does)")
     mesh = parallel.make_mesh(**mesh_sizes, devices=devices[:count])
     folder = architecture_folder(config, arch_dir)
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=str(folder)))
+    memory = int(device_memory_gib * GIB)
+    depth = deepest_stack(folder)
+    if depth <= max_compiled_depth:
+        return _compiled_plan(config, mesh, folder, memory)
+    with tempfile.TemporaryDirectory(prefix="dpojax-plan-") as tmp:
+        one, two = (_compiled_plan(config, mesh, shallow_copy(folder, Path(tmp) / f"depth{d}", d), memory)
+                    for d in (1, 2))
+    full = _held_bytes(_abstract_step(config, mesh, folder)[2])
+    xla = {f: type(getattr(one, f))(getattr(one, f) + (getattr(two, f) - getattr(one, f)) * (depth - 1))
+           for f in EXTRAPOLATED}
+    return dataclasses.replace(one, **full, **xla, compile_seconds=one.compile_seconds + two.compile_seconds,
+                               depths=(1, 2, depth))
+
+
+def _abstract_step(config: Config, mesh, folder: Path):
+    """The jitted update, its shape-only arguments (state, accumulator, frozen, batch, micro-step) and the
+    config as planned (architecture folder, attention kernel)."""
+    from dpojax.train.optim import make_optimizer, opt_state_shardings
+    from dpojax.train.step import make_step_functions
+
+    kernel = PLAN_KERNEL.get(config.model.attention, config.model.attention)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=str(folder),
+                                                                   attention=kernel))
     components, params, frozen = abstract_components(config, folder, mesh)
+    components = with_attention_kernel(components, params, frozen, kernel, mesh)
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     tx, lr_schedule = make_optimizer(config.optim, config.learning_rate(batch_devices))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -273,22 +344,34 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
         accum = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), params)
     batch = abstract_batch(config, components, folder, config.train.pairs_per_device * batch_devices,
                            batch_sharding)
-    start = time.perf_counter()
     micro = scalar((), jnp.int32)  # the micro-step index within gradient accumulation
-    compiled = step_fns.update.lower(state, accum, frozen, batch, micro).compile()
+    return step_fns.update, config, (state, accum, frozen, batch, micro)
+
+
+def _held_bytes(args) -> dict[str, int]:
+    """Per-device bytes of what the training process holds, by kind, from the shapes alone."""
+    state, accum, frozen, batch, micro = args
+    encoders = {k: v for k, v in frozen.items() if k != "reference"}
+    return dict(policy_params=device_bytes(state.params), optimizer_state=device_bytes(state.opt_state),
+                accumulator=device_bytes(accum), reference=device_bytes(frozen.get("reference")),
+                encoders=device_bytes(encoders), batch=device_bytes(batch),
+                step_and_key=device_bytes((state.step, state.key, micro)))
+
+
+def _compiled_plan(config: Config, mesh, folder: Path, device_memory: int) -> Plan:
+    update, config, args = _abstract_step(config, mesh, folder)
+    start = time.perf_counter()
+    compiled = update.lower(*args).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    encoders = {k: v for k, v in frozen.items() if k != "reference"}
-    return Plan(mesh=dict(mesh_sizes), pairs_per_device=config.train.pairs_per_device, remat=config.model.remat,
-                policy_params=device_bytes(params), optimizer_state=device_bytes(opt_state),
-                accumulator=device_bytes(accum), reference=device_bytes(frozen.get("reference")),
-                encoders=device_bytes(encoders), batch=device_bytes(batch),
-                step_and_key=device_bytes((state.step, state.key, micro)), arguments=memory.argument_size_in_bytes,
-                outputs=memory.output_size_in_bytes, aliased=memory.alias_size_in_bytes,
-                temporaries=memory.temp_size_in_bytes, flops_per_device=float(cost.get("flops", 0.0)),
-                device_memory=int(device_memory_gib * GIB), compile_seconds=seconds)
+    return Plan(mesh=dict(mesh.shape), pairs_per_device=config.train.pairs_per_device, remat=config.model.remat,
+                attention=config.model.attention, **_held_bytes(args),
+                arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
+                aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
+                flops_per_device=float(cost.get("flops", 0.0)), device_memory=device_memory,
+                compile_seconds=seconds)
 
 
 def plan_from_command_line(config_path: str, overrides, mesh: str | None, device_memory_gib: float,

@@ -19,7 +19,7 @@ from dpojax.config import load_config
 from dpojax.models import UNet2DConditionModel
 from dpojax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from dpojax.models.vae import AutoencoderKL
-from dpojax.plan import ARCH_ROOT, GIB, parse_mesh, plan_training
+from dpojax.plan import ARCH_ROOT, GIB, parse_mesh, plan_training, shallow_copy
 from dpojax.tiny import write_tiny_pipeline
 from dpojax.train.state import check_supported, read_pipeline_arch
 from dpojax.weights.io import abstract_module
@@ -97,10 +97,10 @@ def tiny(tmp_path_factory) -> Path:
     return write_tiny_pipeline(tmp_path_factory.mktemp("plan") / "tiny-sdxl", arch="sdxl", seed=0)
 
 
-def _plan(tiny: Path, mesh: str = "fsdp=1", **overrides):
+def _plan(tiny: Path, mesh: str = "fsdp=1", max_compiled_depth: int = 2, **overrides):
     values = {"model.pretrained": tiny, "train.pairs_per_device": 2, "model.remat": "none", **overrides}
     config = load_config(CONFIG, [f"{k}={v}" for k, v in values.items()])
-    return plan_training(config, parse_mesh(mesh), 16)
+    return plan_training(config, parse_mesh(mesh), 16, max_compiled_depth=max_compiled_depth)
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,19 @@ def test_sharding_remat_and_micro_batch_show_in_the_plan(tiny, baseline):
     assert baseline.fits and not small.fits
     assert "does NOT fit" in small.report() and "fits in 16 GiB" in baseline.report()
     assert baseline.device_memory == 16 * GIB
+
+
+@pytest.mark.slow
+def test_deep_stacks_are_extrapolated_from_two_shallow_compiles(tiny, tmp_path):
+    """The tiny UNet with 4 transformer layers in its deepest block: planned directly, and from compiles at
+    depths 1 and 2 (what `dpojax plan` does for SDXL's 10, whose direct compile takes XLA:CPU too long)."""
+    deep = shallow_copy(tiny, tmp_path / "deep", 4)  # configs only: the plan reads no weights
+    direct = _plan(deep, mesh="fsdp=2", max_compiled_depth=4, **{"model.remat": "full"})
+    extrapolated = _plan(deep, mesh="fsdp=2", **{"model.remat": "full"})
+    assert direct.depths is None and extrapolated.depths == (1, 2, 4)
+    assert "extrapolated linearly" in extrapolated.report()
+    for row in ("policy_params", "optimizer_state", "reference", "encoders", "batch"):
+        assert getattr(extrapolated, row) == getattr(direct, row)  # counted at full depth
+    assert extrapolated.arguments == pytest.approx(direct.arguments, rel=1e-3)
+    assert extrapolated.flops_per_device == pytest.approx(direct.flops_per_device, rel=0.02)
+    assert extrapolated.temporaries == pytest.approx(direct.temporaries, rel=0.15)

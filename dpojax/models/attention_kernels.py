@@ -6,6 +6,9 @@
 - ``splash``: the Pallas TPU splash kernel, per device inside ``jax.shard_map`` over the batch mesh axes (a
   Pallas call cannot be partitioned by the compiler), for sequences that are multiples of 128 tokens without a
   mask; the head dimension is zero-padded to a multiple of 128 lanes.
+- ``blocked``: xla over blocks of ``QUERY_BLOCK`` queries in a loop, each block rematerialised in the backward
+  pass: like the fused kernels it never holds a whole (queries x keys) score matrix, so `dpojax plan` uses it
+  on CPU to stand in for cudnn/splash memory; also a fallback for long sequences on any platform.
 - ``auto``: cudnn on GPU, splash on TPU, xla elsewhere.
 
 A kernel that cannot take a call (cross-attention to 77 text tokens under splash, fp32 under cuDNN, a causal
@@ -23,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-KERNELS = ("auto", "xla", "cudnn", "splash")
+KERNELS = ("auto", "xla", "cudnn", "splash", "blocked")
+QUERY_BLOCK = 512  # queries per block of the blocked kernel
 SPLASH_BLOCK = 128  # TPU lane width: splash needs sequence lengths (and pads head_dim) to multiples of it
 SPLASH_MAX_BLOCK = 512
 BATCH_AXES = ("data", "fsdp")
@@ -83,6 +87,17 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array |
     return jnp.einsum("bhts,bshd->bthd", weights, v)
 
 
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = QUERY_BLOCK) -> jax.Array:
+    """xla attention over query blocks in a scan, unrolled (cost analysis then counts every block) and each
+    block checkpointed, so forward and backward hold one block's scores at a time."""
+    if q.shape[1] <= block or q.shape[1] % block:
+        return xla_attention(q, k, v)
+    blocks = q.reshape(q.shape[0], q.shape[1] // block, block, *q.shape[2:]).swapaxes(0, 1)
+    one = jax.checkpoint(lambda _, q_block: (None, xla_attention(q_block, k, v)))
+    _, out = jax.lax.scan(one, None, blocks, unroll=True)
+    return out.swapaxes(0, 1).reshape(*q.shape[:3], v.shape[-1])
+
+
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
@@ -140,5 +155,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: str = "auto",
         return cudnn_attention(q, k, v)
     if chosen == "splash":
         return splash_attention(q, k, v, mesh=mesh, interpret=interpret)
+    if chosen == "blocked" and mask is None and not is_causal:
+        return blocked_attention(q, k, v)
     return xla_attention(q, k, v, mask=mask, is_causal=is_causal)
 

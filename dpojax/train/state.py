@@ -126,6 +126,19 @@ def load_encoders(config: Config, mesh: jax.sharding.Mesh, is_sdxl: bool):
     return vae, (vae_graph, te_graph, te2_graph), params
 
 
+def with_attention_kernel(components: Components, params: dict, frozen: dict, kernel: str,
+                          mesh: jax.sharding.Mesh) -> Components:
+    """``components`` whose UNet graphs use attention ``kernel`` (``model.attention``; see attention_kernels)."""
+    from dpojax.models.attention import configure_attention
+
+    def configured(graph, tree):
+        return None if graph is None else split_params(configure_attention(nnx.merge(graph, tree), kernel, mesh))[0]
+
+    return dataclasses.replace(components, unet=configured(components.unet, policy_unet_params(components, params,
+                                                                                               frozen)),
+                               reference=configured(components.reference, frozen.get("reference")))
+
+
 def load_components(config: Config, mesh: jax.sharding.Mesh) -> tuple[Components, dict, dict]:
     """Load every model of ``model.pretrained`` sharded over ``mesh``.
 
@@ -175,6 +188,8 @@ def load_components(config: Config, mesh: jax.sharding.Mesh) -> tuple[Components
         latent_channels=vae.config["latent_channels"],
         vae_scale_factor=2 ** (len(vae.config["block_out_channels"]) - 1), is_sdxl=is_sdxl,
         compute_dtype=compute, unet_config=unet_config, lora=spec)
+    if config.model.attention != "auto":
+        components = with_attention_kernel(components, policy_params, frozen, config.model.attention, mesh)
     return components, policy_params, frozen
 
 

@@ -154,6 +154,8 @@ def abstract_components(config: Config, folder: Path, mesh) -> tuple[Components,
         vae_shift_factor=vae.shift_factor, latent_channels=vae.config["latent_channels"],
         vae_scale_factor=2 ** (len(vae.config["block_out_channels"]) - 1), is_sdxl=is_sdxl,
         compute_dtype=compute, unet_config=unet_config, lora=spec)
+    if model.attention != "auto":  # as load_components
+        components = with_attention_kernel(components, params, frozen, model.attention, mesh)
     return components, params, frozen
 
 
@@ -276,9 +278,8 @@ def shallow_copy(folder: Path, target: Path, depth: int) -> Path:
         (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx"))])
     path = component_folder(target, "unet") / "config.json"
     unet = json.loads(path.read_text())
-    deepest = deepest_stack(folder)
     layers = np.asarray(unet.get("transformer_layers_per_block", 1))
-    unet["transformer_layers_per_block"] = np.where(layers == deepest, depth, layers).tolist()
+    unet["transformer_layers_per_block"] = np.where(layers == layers.max(), depth, layers).tolist()
     path.write_text(json.dumps(unet))
     return target
 
@@ -324,7 +325,6 @@ def _abstract_step(config: Config, mesh, folder: Path):
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=str(folder),
                                                                    attention=kernel))
     components, params, frozen = abstract_components(config, folder, mesh)
-    components = with_attention_kernel(components, params, frozen, kernel, mesh)
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     tx, lr_schedule = make_optimizer(config.optim, config.learning_rate(batch_devices))
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -9,9 +9,8 @@ sampling noise; their mean must exceed their standard error several times over. 
 
 import json
 
-import numpy as np
 import pytest
-from test_d3po_rounds import CONFIG, dpojax, workdir  # noqa: F401  (the shared tiny pipeline and runner)
+from test_d3po_rounds import CONFIG, dpojax, paired_change, workdir  # noqa: F401  (shared pipeline, runner)
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +25,9 @@ def test_brightness_rises_and_the_run_exports(workdir):  # noqa: F811
     assert evals[0] == 0 and evals[-1] == 12
     before, after = (json.loads((run / "eval" / f"epoch_{e:04d}" / "rewards.json").read_text()) for e in (0, 12))
     assert [s["prompt"] for s in before] == [s["prompt"] for s in after]
-    change = np.array([a["reward"] - b["reward"] for a, b in zip(after, before, strict=True)])
-    standard_error = change.std(ddof=1) / len(change) ** 0.5
-    print(f"eval brightness change {change.mean():+.5f} (standard error {standard_error:.5f}, {len(change)} images)")
-    assert change.mean() > 3 * standard_error
+    change, standard_error = paired_change([s["reward"] for s in after], [s["reward"] for s in before])
+    print(f"eval brightness change {change:+.5f} (standard error {standard_error:.5f}, {len(after)} images)")
+    assert change > 3 * standard_error
     assert (run / "eval" / "epoch_0012" / "31.png").is_file()
     train = [r for r in records if "loss" in r]
     assert abs(train[0]["loss_minus_ln2"]) < 1e-3 and 0 < train[-1]["inside_fraction"] <= 1

@@ -69,6 +69,12 @@ def simulated_labels(round_dir: Path, annotator: str) -> Path:
     return path
 
 
+def paired_change(after, before) -> tuple[float, float]:
+    """Mean of the per-image differences ``after - before`` (same prompts and noise) and its standard error."""
+    change = np.ravel(np.asarray(after) - np.asarray(before))
+    return float(change.mean()), float(change.std(ddof=1) / len(change) ** 0.5)
+
+
 def round_brightness(round_dir: Path) -> np.ndarray:
     """(prompts, k) brightness of a round's images."""
     images = read_round(round_dir, arrays=False).images
@@ -131,8 +137,7 @@ def test_simulated_annotators_make_the_next_round_brighter(workdir):
     assert nxt.returncode == 0, nxt.stderr
     assert read_round(r2, arrays=False).prompts == read_round(r1, arrays=False).prompts
     first, second = round_brightness(r1), round_brightness(r2)
-    change = (second - first).ravel()
-    standard_error = change.std(ddof=1) / len(change) ** 0.5
+    change, standard_error = paired_change(second, first)
     print(f"round 1 mean brightness {first.mean():.5f}, preferred images {first[labels.scores > 0].mean():.5f}, "
-          f"round 2 {second.mean():.5f} (change {change.mean():+.5f}, standard error {standard_error:.5f})")
-    assert change.mean() > 3 * standard_error
+          f"round 2 {second.mean():.5f} (change {change:+.5f}, standard error {standard_error:.5f})")
+    assert change > 3 * standard_error

@@ -1,8 +1,9 @@
 """dpojax: Diffusion-DPO and D3PO preference training for Stable Diffusion in JAX/Flax NNX."""
 
-from flax import nnx as _nnx
+import flax as _flax
 
-# Parameters are created unsharded; dpojax.parallel places them on the mesh from their logical axis names.
-_nnx.use_eager_sharding(False)
+# Parameters are created unsharded; dpojax.parallel places them on the mesh from their logical axis names. The
+# config default, not nnx.use_eager_sharding (thread-local), so threads (`dpojax plan`'s compiles) see it too.
+_flax.config.update("flax_always_shard_variable", False)
 
 __version__ = "0.1.0"

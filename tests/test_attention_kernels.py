@@ -121,6 +121,17 @@ def test_fallback_runs_xla_and_is_recorded_once():
     assert "fallback: splash is a TPU kernel" in kernels.CHOSEN[("splash", "xla")]
 
 
+def test_long_unmasked_fallback_runs_blocked():
+    """A call the kernel cannot take (here: cuDNN on CPU) that is longer than a query block runs blocked, as the
+    VAE's 16384-token attention at 1024 px does under cuDNN (its 512-wide heads), so no score matrix is held."""
+    kernels.CHOSEN.clear()
+    q, k, v = qkv(1, 2 * kernels.QUERY_BLOCK, 2 * kernels.QUERY_BLOCK, heads=1, head_dim=8)
+    out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, kernel="cudnn"))(q, k, v)
+    assert rel_err(out, reference_attention(q, k, v)) < 1e-5
+    assert list(kernels.CHOSEN) == [("cudnn", "blocked")]
+    assert "fallback: cuDNN needs a GPU" in kernels.CHOSEN[("cudnn", "blocked")]
+
+
 def test_configure_attention_reaches_every_attention_of_the_unet():
     model = configure_attention(UNet2DConditionModel.from_config(dict(UNET_SDXL)), "xla")
     modules = [m for _, m in nnx.iter_modules(model)]

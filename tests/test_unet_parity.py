@@ -157,11 +157,13 @@ def test_sdxl_output_and_gradients_match_torch(sdxl, sdxl_jax):
     assert_grads_match(grads, expected_grads, rtol=1e-3)
 
 
-def test_remat_gives_same_output_and_gradients(sdxl, sdxl_jax):
+@pytest.mark.parametrize("remat, marker", [(True, "optimization_barrier"),  # the sequenced recomputation
+                                           (jax.checkpoint_policies.dots_saveable, "remat")])
+def test_remat_gives_same_output_and_gradients(sdxl, sdxl_jax, remat, marker):
     module, inputs, weight, _, _ = sdxl
     out, grads, jaxpr = sdxl_jax
-    remat_out, remat_grads, remat_jaxpr = value_and_grads(jax_unet(SDXL, module, remat=True), inputs, weight)
-    assert "remat" in remat_jaxpr and "remat" not in jaxpr
+    remat_out, remat_grads, remat_jaxpr = value_and_grads(jax_unet(SDXL, module, remat=remat), inputs, weight)
+    assert marker in remat_jaxpr and marker not in jaxpr
     # Same math; only XLA's fusion (and so fp32 rounding) may differ.
     assert rel_err(remat_out, out) <= 1e-6
     assert_grads_match(remat_grads, grads, rtol=1e-5)

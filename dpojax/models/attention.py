@@ -125,8 +125,10 @@ class Transformer2DModel(nnx.Module):
 
     def __init__(self, heads: int, dim_head: int, in_channels: int, *, num_layers: int,
                  cross_attention_dim: int, norm_num_groups: int, use_linear_projection: bool,
-                 upcast_attention: bool, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+                 upcast_attention: bool, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 remat: layers.Remat = False):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.remat = remat
         inner = heads * dim_head
         self.norm = layers.group_norm(in_channels, norm_num_groups, 1e-6, **kw)
         # A 1x1 conv and a linear layer are the same map on NHWC; only the stored weight layout differs.
@@ -145,5 +147,5 @@ class Transformer2DModel(nnx.Module):
         inner = tokens.shape[-1]
         tokens = tokens.reshape(b, h * w, inner)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = layers.call_layer(block, self.remat, tokens, context)
         return x + self.proj_out(tokens.reshape(b, h, w, inner))

@@ -6,19 +6,23 @@
 - ``splash``: the Pallas TPU splash kernel, per device inside ``jax.shard_map`` over the batch mesh axes (a
   Pallas call cannot be partitioned by the compiler), for sequences that are multiples of 128 tokens without a
   mask; the head dimension is zero-padded to a multiple of 128 lanes.
-- ``blocked``: xla over blocks of ``QUERY_BLOCK`` queries in a loop, each block rematerialised in the backward
-  pass: like the fused kernels it never holds a whole (queries x keys) score matrix, so `dpojax plan` uses it
-  on CPU to stand in for cudnn/splash memory; also a fallback for long sequences on any platform.
+- ``blocked``: xla over blocks of ``QUERY_BLOCK`` queries one after another, with flash attention's backward
+  pass (probabilities rebuilt per block from the saved log-sum-exp): like the fused kernels it never holds a
+  whole (queries x keys) score matrix, so `dpojax plan` uses it on CPU to stand in for cudnn/splash memory;
+  also a fallback for long sequences on any platform.
 - ``auto``: cudnn on GPU, splash on TPU, xla elsewhere.
 
 A kernel that cannot take a call (cross-attention to 77 text tokens under splash, fp32 under cuDNN, a causal
-mask) falls back to xla for that call. Which kernel ran, and why, is logged once per distinct choice at trace
-time (``logging`` name ``dpojax.attention``) and kept in :data:`CHOSEN` for reports such as `dpojax bench`.
+mask, the VAE's 512-wide heads under cuDNN) falls back for that call: to blocked when the call is unmasked and
+longer than a query block (no score matrix of a 16384-token image), else to xla. Which kernel ran, and why, is
+logged once per distinct choice at trace time (``logging`` name ``dpojax.attention``) and kept in
+:data:`CHOSEN` for reports such as `dpojax bench`.
 All kernels compute the same function; tests compare them with a NumPy reference.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -87,15 +91,79 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array |
     return jnp.einsum("bhts,bshd->bthd", weights, v)
 
 
+def _blocks(x: jax.Array, block: int) -> list[jax.Array]:
+    """(B, T, ...) -> T/block arrays of (B, block, ...)."""
+    return [x[:, i:i + block] for i in range(0, x.shape[1], block)]
+
+
+def _chained(*arrays):
+    """``arrays`` unchanged, but computed only once all of them exist: XLA cannot move work on the first ones
+    ahead of the last (the blocks run one after another, holding one block's scores at a time)."""
+    return jax.lax.optimization_barrier(arrays)
+
+
+def _scores(q_block: jax.Array, k: jax.Array) -> jax.Array:
+    return jnp.einsum("bthd,bshd->bhts", q_block, k, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    return _blocked_forward(q, k, v, block)[0]
+
+
+def _blocked_forward(q, k, v, block):
+    """Softmax attention of pre-scaled ``q`` one query block at a time; also the rows' log-sum-exp (fp32),
+    which is all the backward pass needs to rebuild a block's probabilities."""
+    outs, lses, previous = [], [], jnp.zeros((), v.dtype)
+    for q_block in _blocks(q, block):
+        q_block, _ = _chained(q_block, previous)
+        scores = _scores(q_block, k)
+        lse = jax.nn.logsumexp(scores, axis=-1)
+        weights = jnp.exp(scores - lse[..., None]).astype(v.dtype)
+        previous = jnp.einsum("bhts,bshd->bthd", weights, v)
+        outs.append(previous)
+        lses.append(lse)
+    out = jnp.concatenate(outs, axis=1)
+    return out, (q, k, v, out, jnp.concatenate(lses, axis=-1))
+
+
+def _blocked_backward(block, residuals, d_out):
+    """Flash attention's backward pass, block by block: rebuild the probabilities from the log-sum-exp,
+    accumulate dK and dV in fp32; each block waits for the previous one's accumulators."""
+    q, k, v, out, lse = residuals
+    f32 = dict(preferred_element_type=jnp.float32)
+    dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    dqs = []
+    for i, (q_block, o_block, do_block) in enumerate(zip(_blocks(q, block), _blocks(out, block),
+                                                         _blocks(d_out, block), strict=True)):
+        lse_block = lse[:, :, i * block:(i + 1) * block]
+        (q_block, o_block, do_block, lse_block), (dk, dv) = _chained((q_block, o_block, do_block, lse_block),
+                                                                     (dk, dv))
+        probs = jnp.exp(_scores(q_block, k) - lse_block[..., None])
+        dv = dv + jnp.einsum("bhts,bthd->bshd", probs.astype(v.dtype), do_block, **f32)
+        d_probs = jnp.einsum("bthd,bshd->bhts", do_block, v, **f32)
+        rows = jnp.einsum("bthd,bthd->bht", do_block.astype(jnp.float32), o_block.astype(jnp.float32))
+        d_scores = (probs * (d_probs - rows[..., None])).astype(q.dtype)
+        dqs.append(jnp.einsum("bhts,bshd->bthd", d_scores, k, **f32).astype(q.dtype))
+        dk = dk + jnp.einsum("bhts,bthd->bshd", d_scores, q_block, **f32)
+    return jnp.concatenate(dqs, axis=1), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_blocked.defvjp(_blocked_forward, _blocked_backward)
+
+
+def _blockable(q: jax.Array, block: int = QUERY_BLOCK) -> bool:
+    return q.shape[1] > block and q.shape[1] % block == 0
+
+
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = QUERY_BLOCK) -> jax.Array:
-    """xla attention over query blocks in a scan, unrolled (cost analysis then counts every block) and each
-    block checkpointed, so forward and backward hold one block's scores at a time."""
-    if q.shape[1] <= block or q.shape[1] % block:
+    """xla attention over blocks of ``block`` queries, one after another, with flash attention's backward pass
+    (probabilities rebuilt per block from the saved log-sum-exp): forward and backward hold one block's
+    (block x keys) scores at a time, whatever order XLA would otherwise schedule them in. Python-unrolled, so
+    XLA's cost analysis counts every block."""
+    if not _blockable(q, block):
         return xla_attention(q, k, v)
-    blocks = q.reshape(q.shape[0], q.shape[1] // block, block, *q.shape[2:]).swapaxes(0, 1)
-    one = jax.checkpoint(lambda _, q_block: (None, xla_attention(q_block, k, v)))
-    _, out = jax.lax.scan(one, None, blocks, unroll=True)
-    return out.swapaxes(0, 1).reshape(*q.shape[:3], v.shape[-1])
+    return _blocked(q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype), k, v, block)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -146,8 +214,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: str = "auto",
     """
     platform = jax.devices()[0].platform
     chosen = resolve(kernel, platform)
-    reason = unsupported_reason(chosen, q, k, platform=platform, masked=mask is not None or is_causal)
+    masked = mask is not None or is_causal
+    reason = unsupported_reason(chosen, q, k, platform=platform, masked=masked)
     if reason is not None:
+        if not masked and _blockable(q):  # e.g. the VAE's 16384-token, 512-wide attention at 1024 px
+            _announce(kernel, "blocked", f"fallback: {reason}; {q.shape[1]} queries: blocked keeps memory linear")
+            return blocked_attention(q, k, v)
         _announce(kernel, "xla", f"fallback: {reason}")
         return xla_attention(q, k, v, mask=mask, is_causal=is_causal)
     _announce(kernel, chosen, f"on {platform}")
@@ -155,7 +227,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: str = "auto",
         return cudnn_attention(q, k, v)
     if chosen == "splash":
         return splash_attention(q, k, v, mesh=mesh, interpret=interpret)
-    if chosen == "blocked" and mask is None and not is_causal:
+    if chosen == "blocked" and not masked:
         return blocked_attention(q, k, v)
     return xla_attention(q, k, v, mask=mask, is_causal=is_causal)
 

@@ -130,12 +130,13 @@ class CrossAttentionSpec:
     cross_attention_dim: int
     use_linear_projection: bool
     upcast_attention: bool
+    remat: layers.Remat = False
 
     def build(self, index: int, channels: int, groups: int, **kw) -> Transformer2DModel:
         return Transformer2DModel(self.heads, channels // self.heads, channels, num_layers=self.layers[index],
                                   cross_attention_dim=self.cross_attention_dim, norm_num_groups=groups,
                                   use_linear_projection=self.use_linear_projection,
-                                  upcast_attention=self.upcast_attention, **kw)
+                                  upcast_attention=self.upcast_attention, remat=self.remat, **kw)
 
 
 class DownBlock(nnx.Module):
@@ -148,8 +149,9 @@ class DownBlock(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, temb_channels: int | None,
                  groups: int, eps: float, add_downsample: bool, downsample_padding: int,
                  cross_attention: CrossAttentionSpec | None = None, rngs: nnx.Rngs, dtype=None,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, remat: layers.Remat = False):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.remat = remat
         self.resnets = nnx.List([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
                           groups=groups, eps=eps, **kw)
@@ -163,7 +165,7 @@ class DownBlock(nnx.Module):
                  context: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = layers.call_layer(resnet, self.remat, x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
             skips.append(x)
@@ -183,8 +185,9 @@ class UpBlock(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, skip_channels: Sequence[int],
                  temb_channels: int | None, groups: int, eps: float, add_upsample: bool,
                  cross_attention: CrossAttentionSpec | None = None, rngs: nnx.Rngs, dtype=None,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, remat: layers.Remat = False):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.remat = remat
         skip_channels = tuple(skip_channels) or (0,) * num_layers
         self.resnets = nnx.List([
             ResnetBlock2D((in_channels if i == 0 else out_channels) + skip_channels[i], out_channels,
@@ -200,7 +203,7 @@ class UpBlock(nnx.Module):
         for i, resnet in enumerate(self.resnets):
             if skips:
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = resnet(x, temb)
+            x = layers.call_layer(resnet, self.remat, x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:

@@ -10,6 +10,9 @@ Numerics follow PyTorch (two-pass variance in GroupNorm, eps as given) so parity
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -51,3 +54,50 @@ def embedding(num_embeddings: int, features: int, *, rngs: nnx.Rngs, dtype=None,
               param_dtype=jnp.float32) -> nnx.Embed:
     return nnx.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
                      embedding_metadata={"out_sharding": EMBED_AXES}, rngs=rngs)
+
+
+# A remat setting: False (keep every activation), True (keep only the layer's inputs) or a
+# ``jax.checkpoint_policies`` policy (keep what it names).
+Remat = bool | Callable
+
+
+def sequenced_checkpoint(fn: Callable) -> Callable:
+    """``jax.checkpoint(fn)`` of ``fn(weights, *inputs)`` whose backward pass is pinned in order: it recomputes
+    ``fn`` only once the cotangent of its output has arrived, and hands its input cotangent on only once all of
+    its gradients, the weights' included, exist. Plain checkpointing leaves both free to move, and XLA:CPU's
+    memory-optimized scheduler moved every weight gradient of the UNet to the end of the step, keeping the
+    activations they read alive (SDXL plan at 1024 px, one transformer layer per stack: 10.9 GiB of
+    temporaries, 6.1 GiB with the ties). The saved weights stay out of the tie, or the compiler would gather
+    sharded weights early to meet it."""
+
+    @jax.custom_vjp
+    def call(weights, *inputs):
+        return fn(weights, *inputs)
+
+    def forward(weights, *inputs):
+        return fn(weights, *inputs), (weights, inputs)
+
+    def backward(saved, cotangent):
+        weights, inputs = saved
+        inputs, cotangent = jax.lax.optimization_barrier((inputs, cotangent))
+        return jax.lax.optimization_barrier(jax.vjp(fn, weights, *inputs)[1](cotangent))
+
+    call.defvjp(forward, backward)
+    return call
+
+
+def call_layer(layer: nnx.Module, remat: Remat, *args, **static):
+    """Call ``layer``; with ``remat`` on, the backward pass recomputes it from its inputs instead of keeping its
+    activations (diffusers checkpoints each resnet and transformer layer): ``True`` through
+    :func:`sequenced_checkpoint`, a ``jax.checkpoint_policies`` policy through ``jax.checkpoint`` keeping what
+    it names."""
+    if not remat:
+        return layer(*args, **static)
+    graph, state = nnx.split(layer)
+
+    def pure(state, *args):
+        return nnx.merge(graph, state)(*args, **static)
+
+    if remat is True:
+        return sequenced_checkpoint(pure)(state, *args)
+    return jax.checkpoint(pure, policy=remat)(state, *args)

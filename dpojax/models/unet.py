@@ -6,8 +6,7 @@ implement are refused with a ValueError naming the option, never silently ignore
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -133,8 +132,9 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
 
     def __init__(self, channels: int, *, temb_channels: int, groups: int, eps: float,
                  output_scale_factor: float, cross_attention: CrossAttentionSpec, rngs: nnx.Rngs, dtype=None,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, remat: layers.Remat = False):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.remat = remat
         num_layers = len(cross_attention.layers)
         self.resnets = nnx.List([
             ResnetBlock2D(channels, channels, temb_channels=temb_channels, groups=groups, eps=eps,
@@ -144,14 +144,10 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
                                     for i in range(num_layers)])
 
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
-        x = self.resnets[0](x, temb)
+        x = layers.call_layer(self.resnets[0], self.remat, x, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            x = resnet(attn(x, context), temb)
+            x = layers.call_layer(resnet, self.remat, attn(x, context), temb)
         return x
-
-
-def _call_block(block: nnx.Module, *args, **static):
-    return block(*args, **static)
 
 
 class UNet2DConditionModel(PretrainedMixin, nnx.Module):
@@ -160,10 +156,11 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
     weights_layout = "diffusers"
 
     def __init__(self, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 remat: bool | Callable = False):
+                 remat: layers.Remat = False):
+        """``remat``: recompute each resnet and transformer layer in the backward pass (see
+        :func:`layers.call_layer`)."""
         cfg = resolve_unet_config(config)
         self.config = FrozenConfig(config)
-        self.remat = remat
         self.center_input_sample = cfg["center_input_sample"]
         self.addition_embed_type = cfg["addition_embed_type"]
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -174,7 +171,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         def cross_attention(heads: int, depth, num_layers: int, cross_dim: int,
                             what: str) -> CrossAttentionSpec:
             return CrossAttentionSpec(heads, _per_layer(depth, num_layers, what), cross_dim,
-                                      cfg["use_linear_projection"], cfg["upcast_attention"])
+                                      cfg["use_linear_projection"], cfg["upcast_attention"], remat)
 
         self.conv_in = layers.conv2d(cfg["in_channels"], channels[0], cfg["conv_in_kernel"],
                                      padding=(cfg["conv_in_kernel"] - 1) // 2, **kw)
@@ -196,7 +193,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
             down_blocks.append(DownBlock(
                 channels[max(i - 1, 0)], channels[i], num_layers=num_layers, temb_channels=time_dim,
                 groups=groups, eps=eps, add_downsample=i < n - 1,
-                downsample_padding=cfg["downsample_padding"], cross_attention=spec, **kw))
+                downsample_padding=cfg["downsample_padding"], cross_attention=spec, remat=remat, **kw))
         self.down_blocks = nnx.List(down_blocks)
 
         mid_depth = cfg["transformer_layers_per_block"][-1]
@@ -205,7 +202,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
             channels[-1], temb_channels=time_dim, groups=groups, eps=eps,
             output_scale_factor=cfg["mid_block_scale_factor"],
             cross_attention=cross_attention(cfg["heads"][-1], mid_depth, 1, cfg["cross_attention_dim"][-1],
-                                            "mid block transformer layers"), **kw)
+                                            "mid block transformer layers"), remat=remat, **kw)
 
         reversed_channels = channels[::-1]
         up_blocks = []
@@ -219,22 +216,12 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
             up_blocks.append(UpBlock(
                 reversed_channels[max(i - 1, 0)], out_ch, num_layers=num_layers,
                 skip_channels=[out_ch] * (num_layers - 1) + [skip_in], temb_channels=time_dim, groups=groups,
-                eps=eps, add_upsample=i < n - 1, cross_attention=spec, **kw))
+                eps=eps, add_upsample=i < n - 1, cross_attention=spec, remat=remat, **kw))
         self.up_blocks = nnx.List(up_blocks)
 
         self.conv_norm_out = layers.group_norm(channels[0], groups, eps, **kw)
         self.conv_out = layers.conv2d(channels[0], cfg["out_channels"], cfg["conv_out_kernel"],
                                       padding=(cfg["conv_out_kernel"] - 1) // 2, **kw)
-
-
-    def _run(self, block: nnx.Module, *args, **static):
-        """Call a block, through ``nnx.remat`` when per-block rematerialisation is on (``remat`` True keeps
-        nothing inside the block for the backward pass; a ``jax.checkpoint_policies`` policy keeps what it
-        names)."""
-        fn = functools.partial(_call_block, **static)
-        if not self.remat:
-            return fn(block, *args)
-        return nnx.remat(fn, policy=None if self.remat is True else self.remat)(block, *args)
 
     def _condition(self, timestep, batch: int,
                    added_cond_kwargs: Mapping[str, jax.Array] | None) -> jax.Array:
@@ -262,16 +249,16 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = self._run(block, x, temb, context)
+            x, block_skips = block(x, temb, context)
             skips.extend(block_skips)
         if self.mid_block is not None:
-            x = self._run(self.mid_block, x, temb, context)
+            x = self.mid_block(x, temb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = tuple(skips[-n:]), skips[:-n]
             # Upsample to the next skip's size: 2x unless the latent size is not a multiple of 2^levels.
             size = tuple(skips[-1].shape[1:3]) if block.upsamplers is not None else None
-            x = self._run(block, x, temb, context, block_skips, upsample_size=size)
+            x = block(x, temb, context, block_skips, upsample_size=size)
 
         x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
         return jnp.transpose(x, (0, 3, 1, 2)).astype(sample.dtype)

@@ -9,7 +9,7 @@ decodes x_0 to uint8 images, in one program sharded over the batch mesh axes. Ro
 Training step (§3, §4): P pairs of stored trajectories with preferences h (P, 2); K = int(T·timestep_fraction)
 denoising steps per pair, one random subset per pair shared by both members. ``lax.scan`` over the K positions
 takes value_and_grad of the D3PO loss at each and sums the gradients, so only one timestep's graph is alive
-at a time (D3PO's backward per timestep; ``model.remat`` checkpoints UNet blocks inside it), and their mean
+at a time (D3PO's backward per timestep; ``model.remat`` checkpoints each UNet layer inside it), and their mean
 makes one optimizer step, all in one jitted call.
 """
 

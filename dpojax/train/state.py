@@ -34,7 +34,8 @@ from dpojax.models.lora import LoRASpec, add_lora, init_adapters, split_adapters
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PIPELINE_ARCH = {"StableDiffusionPipeline": ("sd15", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
-# model.remat -> the UNet's per-block remat: off, keep nothing inside a block, or keep its matmul results
+# model.remat -> the UNet's remat of each resnet and transformer layer: off, keep only its inputs, or also its matmul
+# results
 REMAT = {"none": False, "full": True, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 LORA_INIT_STREAM = 0x6C6F7261  # folded into the run's seed for the adapters' initial values ("lora")
 
@@ -128,7 +129,8 @@ def load_encoders(config: Config, mesh: jax.sharding.Mesh, is_sdxl: bool):
 
 def with_attention_kernel(components: Components, params: dict, frozen: dict, kernel: str,
                           mesh: jax.sharding.Mesh) -> Components:
-    """``components`` whose UNet graphs use attention ``kernel`` (``model.attention``; see attention_kernels)."""
+    """``components`` whose UNet and VAE graphs use attention ``kernel`` (``model.attention``; see
+    attention_kernels)."""
     from dpojax.models.attention import configure_attention
 
     def configured(graph, tree):
@@ -136,7 +138,8 @@ def with_attention_kernel(components: Components, params: dict, frozen: dict, ke
 
     return dataclasses.replace(components, unet=configured(components.unet, policy_unet_params(components, params,
                                                                                                frozen)),
-                               reference=configured(components.reference, frozen.get("reference")))
+                               reference=configured(components.reference, frozen.get("reference")),
+                               vae=configured(components.vae, frozen["vae"]))
 
 
 def load_components(config: Config, mesh: jax.sharding.Mesh) -> tuple[Components, dict, dict]:

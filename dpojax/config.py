@@ -47,8 +47,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute dtype of the UNets
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # policy master weights
     reference_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # frozen reference weights
-    # Activation checkpointing per UNet block (down/mid/up): "full" recomputes a block's inside in the backward
-    # pass, keeping only its inputs; "dots_saveable" keeps its matmul outputs and recomputes the rest.
+    # Activation checkpointing of each UNet resnet and transformer layer (diffusers' granularity): "full"
+    # recomputes the layer in the backward pass, keeping only its inputs; "dots_saveable" keeps its matmul outputs.
     remat: Literal["none", "full", "dots_saveable"] = "none"
     attention: Literal["auto", "xla", "cudnn", "splash", "blocked"] = "auto"  # auto: cudnn on GPU, splash on TPU
     lora_rank: int = _field(0, _NON_NEGATIVE)  # 0 trains the full UNet; r > 0 trains rank-r adapters only

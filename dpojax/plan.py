@@ -158,9 +158,7 @@ def abstract_components(config: Config, folder: Path, mesh) -> tuple[Components,
         vae_shift_factor=vae.shift_factor, latent_channels=vae.config["latent_channels"],
         vae_scale_factor=2 ** (len(vae.config["block_out_channels"]) - 1), is_sdxl=is_sdxl,
         compute_dtype=compute, unet_config=unet_config, lora=spec)
-    if model.attention != "auto":  # as load_components
-        components = with_attention_kernel(components, params, frozen, model.attention, mesh)
-    return components, params, frozen
+    return with_attention_kernel(components, params, frozen, model.attention, mesh), params, frozen
 
 
 def abstract_batch(config: Config, components: Components, folder: Path, pairs: int, sharding) -> dict:
@@ -294,7 +292,7 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
 
     A UNet deeper than ``max_compiled_depth`` transformer layers per block (SDXL's 10) is compiled with its
     deepest stacks cut to 1 and to 2 layers, and XLA's numbers are extrapolated linearly in the depth (they are
-    linear: each layer adds its weights, its saved block input and its FLOPs); the held bytes are counted at
+    linear: each layer adds its weights, its saved input and its FLOPs); the held bytes are counted at
     full depth. XLA:CPU's compile time grows faster than linearly with the step's size (SDXL at full depth
     did not compile in 25 minutes on 2 cores), two shallow compiles take minutes.
     """

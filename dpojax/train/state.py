@@ -130,8 +130,11 @@ def load_encoders(config: Config, mesh: jax.sharding.Mesh, is_sdxl: bool):
 def with_attention_kernel(components: Components, params: dict, frozen: dict, kernel: str,
                           mesh: jax.sharding.Mesh) -> Components:
     """``components`` whose UNet and VAE graphs use attention ``kernel`` (``model.attention``; see
-    attention_kernels)."""
+    attention_kernels); "auto" is what the models are built with, so they are returned as they are."""
     from dpojax.models.attention import configure_attention
+
+    if kernel == "auto":
+        return components
 
     def configured(graph, tree):
         return None if graph is None else split_params(configure_attention(nnx.merge(graph, tree), kernel, mesh))[0]
@@ -191,8 +194,7 @@ def load_components(config: Config, mesh: jax.sharding.Mesh) -> tuple[Components
         latent_channels=vae.config["latent_channels"],
         vae_scale_factor=2 ** (len(vae.config["block_out_channels"]) - 1), is_sdxl=is_sdxl,
         compute_dtype=compute, unet_config=unet_config, lora=spec)
-    if config.model.attention != "auto":
-        components = with_attention_kernel(components, policy_params, frozen, config.model.attention, mesh)
+    components = with_attention_kernel(components, policy_params, frozen, config.model.attention, mesh)
     return components, policy_params, frozen
 
 

@@ -3,11 +3,13 @@
 The real training step (``dpojax.train.step.make_step_functions``) is compiled ahead of time against
 shape-only models and batch on a mesh of fake CPU devices of the requested shape: no weights are read or
 allocated, only the architecture configs (a diffusers pipeline folder that may hold nothing but its JSON files;
-the full-size SD1.5 and SDXL ones live in ``configs/arch``). XLA's memory analysis of the compiled per-device
-program gives what one device holds (arguments: policy weights, optimizer state, reference and frozen
-encoders, batch; plus outputs and temporaries, minus donated buffers), its cost analysis the FLOPs of a step.
-The numbers are the CPU compiler's: a TPU or GPU compiler fuses and schedules differently, so treat the
-temporaries as an estimate; the argument bytes are exact.
+the full-size SD1.5 and SDXL ones live in ``configs/arch``). XLA's buffer assignment of the compiled
+per-device program gives what one device holds (arguments: policy weights, optimizer state, reference and
+frozen encoders, batch; plus outputs and temporaries, minus donated buffers), its cost analysis the FLOPs of a
+step. The compile runs in a fresh process (``dpojax.plan_worker``) with the planning XLA flags and as many
+fake devices as the mesh needs, and stops at the buffer assignment. The numbers are the CPU compiler's: a TPU
+or GPU compiler fuses and schedules differently, so treat the temporaries as an estimate; the argument bytes
+are exact.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import dataclasses
 import json
 import math
 import os
-import shutil
+import pickle
+import subprocess
+import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -70,14 +72,15 @@ def parse_mesh(text: str) -> dict[str, int]:
 # into the forward pass: remat saved nothing on CPU (a 16-layer checkpointed toy: 256 MiB of temporaries, 136
 # with the barriers kept). GPU/TPU compilers keep them until after scheduling.
 # The memory-optimized scheduler keeps remat's recomputation next to its use, as GPU/TPU schedulers do
-# (SDXL temporaries at 1024 px, one depth-1 stack: 42 GiB with the default scheduler, 21 GiB with this one).
+# (SDXL at 1024 px with its deepest stacks cut to 1 layer: 42 GiB of temporaries with the default scheduler, 21
+# GiB with this one).
 PLAN_XLA_FLAGS = ("--xla_disable_hlo_passes=cpu-all-reduce-combiner,cse_barrier_expander",
                   "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
 
 
 def use_fake_cpu_devices(count: int) -> None:
     """Plan on ``count`` CPU devices with :data:`PLAN_XLA_FLAGS`; only possible before JAX starts its backends
-    (the CLI calls this first)."""
+    (the plan worker calls this first)."""
     flags = os.environ.get("XLA_FLAGS", "").split()
     os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in PLAN_XLA_FLAGS if f not in flags])
     try:
@@ -214,8 +217,7 @@ class Plan:
     temporaries: int
     flops_per_device: float
     device_memory: int
-    compile_seconds: float
-    depths: tuple[int, int, int] | None = None  # (1, 2, full): XLA's numbers extrapolated from two depths
+    compile_seconds: float  # lowering and compiling up to XLA's buffer assignment
 
     @property
     def held(self) -> int:
@@ -248,10 +250,6 @@ class Plan:
                 ("temporaries (XLA)", self.temporaries), ("peak", self.peak)]
         lines = [f"mesh {mesh} ({devices} devices), {self.pairs_per_device} pair(s) per device, "
                  f"remat {self.remat}, attention {self.attention}; compiled in {self.compile_seconds:.0f} s"]
-        if self.depths is not None:
-            one, two, full = self.depths
-            lines.append(f"XLA rows extrapolated linearly from compiles with the deepest transformer stacks cut "
-                         f"to {one} and {two} layers (of {full}); held rows counted at full depth")
         lines.append("per device:")
         lines += [f"  {name:<30} {value / GIB:9.3f} GiB" for name, value in rows]
         verdict = "fits" if self.fits else "does NOT fit"
@@ -265,61 +263,48 @@ class Plan:
 
 
 PLAN_KERNEL = {"auto": "blocked", "cudnn": "blocked", "splash": "blocked"}  # fused kernels hold no score matrix
-EXTRAPOLATED = ("arguments", "outputs", "aliased", "temporaries", "flops_per_device")
-
-
-def deepest_stack(folder: Path) -> int:
-    """The most transformer layers in one block of the UNet (SDXL: 10)."""
-    layers = read_config(component_folder(folder, "unet")).get("transformer_layers_per_block", 1)
-    return max(np.ravel(layers).tolist())
-
-
-def shallow_copy(folder: Path, target: Path, depth: int) -> Path:
-    """The architecture folder's configs (no weights) with the deepest transformer stacks cut to ``depth``."""
-    shutil.copytree(folder, target, ignore=lambda _, names: [n for n in names if n.endswith(
-        (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx"))])
-    path = component_folder(target, "unet") / "config.json"
-    unet = json.loads(path.read_text())
-    layers = np.asarray(unet.get("transformer_layers_per_block", 1))
-    unet["transformer_layers_per_block"] = np.where(layers == layers.max(), depth, layers).tolist()
-    path.write_text(json.dumps(unet))
-    return target
 
 
 def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib: float,
-                  arch_dir: str | Path | None = None, max_compiled_depth: int = 2) -> Plan:
-    """Compile ``config``'s training step for ``mesh_sizes`` on CPU devices and measure it.
+                  arch_dir: str | Path | None = None) -> Plan:
+    """Compile ``config``'s training step for ``mesh_sizes`` on fake CPU devices and measure it.
 
-    A UNet deeper than ``max_compiled_depth`` transformer layers per block (SDXL's 10) is compiled with its
-    deepest stacks cut to 1 and to 2 layers, and XLA's numbers are extrapolated linearly in the depth (they are
-    linear: each layer adds its weights, its saved input and its FLOPs); the held bytes are counted at
-    full depth. XLA:CPU's compile time grows faster than linearly with the step's size (SDXL at full depth
-    did not compile in 25 minutes on 2 cores), two shallow compiles take minutes.
+    The compile runs in a fresh process (``dpojax.plan_worker``): XLA's flags and the number of CPU devices
+    can only be set before JAX starts, and the worker stops XLA:CPU after its buffer assignment (SDXL: about 4
+    minutes on 2 cores; the whole compile did not finish in 25).
     """
-    count = math.prod(mesh_sizes.values())
-    devices = jax.devices("cpu")
-    if len(devices) < count:
-        raise ValueError(f"plan: mesh {mesh_sizes} needs {count} CPU devices, JAX started with {len(devices)} "
-                         f"(set the count before JAX starts, as `dpojax plan` does)")
-    mesh = parallel.make_mesh(**mesh_sizes, devices=devices[:count])
     folder = architecture_folder(config, arch_dir)
-    memory = int(device_memory_gib * GIB)
-    depth = deepest_stack(folder)
-    if depth <= max_compiled_depth:
-        return _compiled_plan(config, mesh, folder, memory)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="dpojax-plan-") as tmp, ThreadPoolExecutor(2) as pool:
-        # XLA compiles without the GIL, mostly on one core: the two compiles overlap.
-        one, two = pool.map(lambda d: _compiled_plan(config, mesh, shallow_copy(folder, Path(tmp) / f"depth{d}", d),
-                                                     memory), (1, 2))
-    full = _held_bytes(_abstract_step(config, mesh, folder)[2])
-    xla = {f: type(getattr(one, f))(getattr(one, f) + (getattr(two, f) - getattr(one, f)) * (depth - 1))
-           for f in EXTRAPOLATED}
-    return dataclasses.replace(one, **full, **xla, compile_seconds=time.perf_counter() - start,
-                               depths=(1, 2, depth))
+    with tempfile.TemporaryDirectory(prefix="dpojax-plan-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "request.pkl").write_bytes(pickle.dumps(
+            (config, mesh_sizes, str(folder), int(device_memory_gib * GIB))))
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]  # the worker sets the count
+        env = {**os.environ, "XLA_FLAGS": " ".join(flags + list(PLAN_XLA_FLAGS)), "JAX_PLATFORMS": "cpu"}
+        log = workdir / "worker.log"
+        with log.open("w") as out:
+            worker = subprocess.Popen([sys.executable, "-m", "dpojax.plan_worker", tmp], env=env,
+                                      stdout=out, stderr=subprocess.STDOUT)
+            try:
+                worker.wait()
+            finally:
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+        result_path = workdir / "result.json"
+        if not result_path.is_file():
+            tail = log.read_text(errors="replace").strip().splitlines()[-20:]
+            raise RuntimeError(f"plan: the compile process exited with {worker.returncode} and no result:\n"
+                               + "\n".join(tail))
+        result = json.loads(result_path.read_text())
+        if "error" in result:
+            if result["user_error"]:  # one line for the command: a bad config value, a missing folder
+                raise ValueError(result["error"])
+            raise RuntimeError(f"plan: {result['type']}: {result['error']}\n{log.read_text(errors='replace')}")
+    return Plan(**result["plan"])
 
 
-def _abstract_step(config: Config, mesh, folder: Path):
+def abstract_step(config: Config, mesh, folder: Path):
     """The jitted update, its shape-only arguments (state, accumulator, frozen, batch, micro-step) and the
     config as planned (architecture folder, attention kernel)."""
     from dpojax.train.optim import make_optimizer, opt_state_shardings
@@ -352,7 +337,7 @@ def _abstract_step(config: Config, mesh, folder: Path):
     return step_fns.update, config, (state, accum, frozen, batch, micro)
 
 
-def _held_bytes(args) -> dict[str, int]:
+def held_bytes(args) -> dict[str, int]:
     """Per-device bytes of what the training process holds, by kind, from the shapes alone."""
     state, accum, frozen, batch, micro = args
     encoders = {k: v for k, v in frozen.items() if k != "reference"}
@@ -360,22 +345,6 @@ def _held_bytes(args) -> dict[str, int]:
                 accumulator=device_bytes(accum), reference=device_bytes(frozen.get("reference")),
                 encoders=device_bytes(encoders), batch=device_bytes(batch),
                 step_and_key=device_bytes((state.step, state.key, micro)))
-
-
-def _compiled_plan(config: Config, mesh, folder: Path, device_memory: int) -> Plan:
-    update, config, args = _abstract_step(config, mesh, folder)
-    start = time.perf_counter()
-    compiled = update.lower(*args).compile()
-    seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return Plan(mesh=dict(mesh.shape), pairs_per_device=config.train.pairs_per_device, remat=config.model.remat,
-                attention=config.model.attention, **_held_bytes(args),
-                arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
-                aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
-                flops_per_device=float(cost.get("flops", 0.0)), device_memory=device_memory,
-                compile_seconds=seconds)
 
 
 def plan_from_command_line(config_path: str, overrides, mesh: str | None, device_memory_gib: float,
@@ -395,5 +364,4 @@ def plan_from_command_line(config_path: str, overrides, mesh: str | None, device
                              f"e.g. --mesh data=1,fsdp=8,tensor=1")
     else:
         sizes = parse_mesh(mesh)
-    use_fake_cpu_devices(math.prod(sizes.values()))
     return plan_training(config, sizes, device_memory_gib, arch_dir)

@@ -47,9 +47,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute dtype of the UNets
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # policy master weights
     reference_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # frozen reference weights
-    # Activation checkpointing of each UNet resnet and transformer layer (diffusers' granularity): "full"
-    # recomputes the layer in the backward pass, keeping only its inputs; "dots_saveable" keeps its matmul outputs.
-    remat: Literal["none", "full", "dots_saveable"] = "none"
+    # Activation checkpointing of the UNet: "block" recomputes each down/mid/up block in the backward pass from
+    # its inputs; "full" each resnet and transformer layer (diffusers' granularity); "dots_saveable" is "full"
+    # keeping the layers' matmul outputs.
+    remat: Literal["none", "block", "full", "dots_saveable"] = "none"
     attention: Literal["auto", "xla", "cudnn", "splash", "blocked"] = "auto"  # auto: cudnn on GPU, splash on TPU
     lora_rank: int = _field(0, _NON_NEGATIVE)  # 0 trains the full UNet; r > 0 trains rank-r adapters only
     lora_alpha: float | None = _field(None, _POSITIVE)  # adapters scale by alpha/rank; None: alpha = rank

@@ -158,12 +158,17 @@ def test_sdxl_output_and_gradients_match_torch(sdxl, sdxl_jax):
 
 
 @pytest.mark.parametrize("remat, marker", [(True, "optimization_barrier"),  # the sequenced recomputation
+                                           ("block", "optimization_barrier"),  # the same, per UNet block
                                            (jax.checkpoint_policies.dots_saveable, "remat")])
 def test_remat_gives_same_output_and_gradients(sdxl, sdxl_jax, remat, marker):
     module, inputs, weight, _, _ = sdxl
     out, grads, jaxpr = sdxl_jax
-    remat_out, remat_grads, remat_jaxpr = value_and_grads(jax_unet(SDXL, module, remat=remat), inputs, weight)
+    unet = jax_unet(SDXL, module, remat=remat)
+    remat_out, remat_grads, remat_jaxpr = value_and_grads(unet, inputs, weight)
     assert marker in remat_jaxpr and marker not in jaxpr
+    if remat == "block":  # one checkpoint per down, mid and up block, with a barrier on each side of its backward
+        blocks = len(unet.down_blocks) + 1 + len(unet.up_blocks)
+        assert remat_jaxpr.count("optimization_barrier") == 2 * blocks
     # Same math; only XLA's fusion (and so fp32 rounding) may differ.
     assert rel_err(remat_out, out) <= 1e-6
     assert_grads_match(remat_grads, grads, rtol=1e-5)

@@ -7,7 +7,7 @@ implement are refused with a ValueError naming the option, never silently ignore
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -156,11 +156,14 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
     weights_layout = "diffusers"
 
     def __init__(self, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 remat: layers.Remat = False):
+                 remat: layers.Remat | Literal["block"] = False):
         """``remat``: recompute each resnet and transformer layer in the backward pass (see
-        :func:`layers.call_layer`)."""
+        :func:`layers.call_layer`), or with ``"block"`` each down, mid and up block as a whole (fewer saved
+        inputs, more live at once while a block's backward runs)."""
         cfg = resolve_unet_config(config)
         self.config = FrozenConfig(config)
+        self.remat_blocks = remat == "block"
+        remat = False if self.remat_blocks else remat
         self.center_input_sample = cfg["center_input_sample"]
         self.addition_embed_type = cfg["addition_embed_type"]
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -249,16 +252,16 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, context)
+            x, block_skips = layers.call_layer(block, self.remat_blocks, x, temb, context)
             skips.extend(block_skips)
         if self.mid_block is not None:
-            x = self.mid_block(x, temb, context)
+            x = layers.call_layer(self.mid_block, self.remat_blocks, x, temb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = tuple(skips[-n:]), skips[:-n]
             # Upsample to the next skip's size: 2x unless the latent size is not a multiple of 2^levels.
             size = tuple(skips[-1].shape[1:3]) if block.upsamplers is not None else None
-            x = block(x, temb, context, block_skips, upsample_size=size)
+            x = layers.call_layer(block, self.remat_blocks, x, temb, context, block_skips, upsample_size=size)
 
         x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
         return jnp.transpose(x, (0, 3, 1, 2)).astype(sample.dtype)

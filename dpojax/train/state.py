@@ -34,9 +34,9 @@ from dpojax.models.lora import LoRASpec, add_lora, init_adapters, split_adapters
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PIPELINE_ARCH = {"StableDiffusionPipeline": ("sd15", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
-# model.remat -> the UNet's remat of each resnet and transformer layer: off, keep only its inputs, or also its matmul
-# results
-REMAT = {"none": False, "full": True, "dots_saveable": jax.checkpoint_policies.dots_saveable}
+# model.remat -> the UNet's remat: off; each down/mid/up block keeps only its inputs; each resnet and transformer
+# layer keeps only its inputs; or also its matmul results
+REMAT = {"none": False, "block": "block", "full": True, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 LORA_INIT_STREAM = 0x6C6F7261  # folded into the run's seed for the adapters' initial values ("lora")
 
 

@@ -280,7 +280,7 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
             (config, mesh_sizes, str(folder), int(device_memory_gib * GIB))))
         flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
                  if not f.startswith("--xla_force_host_platform_device_count")]  # the worker sets the count
-        env = {**os.environ, "XLA_FLAGS": " ".join(flags + list(PLAN_XLA_FLAGS)), "JAX_PLATFORMS": "cpu"}
+        env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
         log = workdir / "worker.log"
         with log.open("w") as out:
             worker = subprocess.Popen([sys.executable, "-m", "dpojax.plan_worker", tmp], env=env,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pickle
 import subprocess
 import sys
@@ -74,20 +73,24 @@ def parse_mesh(text: str) -> dict[str, int]:
 # The memory-optimized scheduler keeps remat's recomputation next to its use, as GPU/TPU schedulers do
 # (SDXL at 1024 px with its deepest stacks cut to 1 layer: 42 GiB of temporaries with the default scheduler, 21
 # GiB with this one).
-PLAN_XLA_FLAGS = ("--xla_disable_hlo_passes=cpu-all-reduce-combiner,cse_barrier_expander",
-                  "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
+PLAN_DISABLED_PASSES = ("cpu-all-reduce-combiner", "cse_barrier_expander")
+PLAN_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
-def use_fake_cpu_devices(count: int) -> None:
-    """Plan on ``count`` CPU devices with :data:`PLAN_XLA_FLAGS`; only possible before JAX starts its backends
-    (the plan worker calls this first)."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in PLAN_XLA_FLAGS if f not in flags])
-    try:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:
-        pass  # already started (tests, notebooks): ``plan_training`` checks that enough devices exist
+def plan_xla_flags(user_flags: str) -> str:
+    """``XLA_FLAGS`` for the plan's compile: the user's, with the plan's disabled passes joined to theirs (XLA
+    keeps only the last ``--xla_disable_hlo_passes``), the memory-optimized scheduler unless they chose one,
+    and no fake-device count (the plan worker sets the mesh's)."""
+    passes, kept = list(PLAN_DISABLED_PASSES), []
+    for flag in user_flags.split():
+        name, _, value = flag.partition("=")
+        if name == "--xla_disable_hlo_passes":
+            passes += [p for p in value.split(",") if p and p not in passes]
+        elif name != "--xla_force_host_platform_device_count":
+            kept.append(flag)
+    if not any(flag.startswith("--xla_cpu_scheduler_type=") for flag in kept):
+        kept.append(PLAN_SCHEDULER)
+    return " ".join([*kept, f"--xla_disable_hlo_passes={','.join(passes)}"])
 
 
 def architecture_folder(config: Config, arch_dir: str | Path | None = None) -> Path:
@@ -278,13 +281,10 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
         workdir = Path(tmp)
         (workdir / "request.pkl").write_bytes(pickle.dumps(
             (config, mesh_sizes, str(folder), int(device_memory_gib * GIB))))
-        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]  # the worker sets the count
-        env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
         log = workdir / "worker.log"
         with log.open("w") as out:
-            worker = subprocess.Popen([sys.executable, "-m", "dpojax.plan_worker", tmp], env=env,
-                                      stdout=out, stderr=subprocess.STDOUT)
+            worker = subprocess.Popen([sys.executable, "-m", "dpojax.plan_worker", tmp], stdout=out,
+                                      stderr=subprocess.STDOUT)
             try:
                 worker.wait()
             finally:

@@ -92,11 +92,14 @@ def compile_until_buffer_assignment(lowered, directory: Path, poll_seconds: floa
 
 def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int, workdir: Path):
     """The plan of ``config``'s step on a mesh of fake CPU devices (this process must not have started JAX)."""
-    from dpojax.plan import Plan, abstract_step, held_bytes, use_fake_cpu_devices
+    import jax
+
+    from dpojax.plan import Plan, abstract_step, held_bytes, plan_xla_flags
 
     count = math.prod(mesh_sizes.values())
-    use_fake_cpu_devices(count)
-    import jax
+    os.environ["XLA_FLAGS"] = plan_xla_flags(os.environ.get("XLA_FLAGS", ""))  # read when JAX starts XLA
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
 
     from dpojax import parallel
 

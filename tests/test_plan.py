@@ -21,7 +21,15 @@ from dpojax.config import load_config
 from dpojax.models import UNet2DConditionModel
 from dpojax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from dpojax.models.vae import AutoencoderKL
-from dpojax.plan import ARCH_ROOT, GIB, abstract_step, parse_mesh, plan_training
+from dpojax.plan import (
+    ARCH_ROOT,
+    GIB,
+    PLAN_SCHEDULER,
+    abstract_step,
+    parse_mesh,
+    plan_training,
+    plan_xla_flags,
+)
 from dpojax.plan_worker import (
     ASSIGNMENT_SUFFIX,
     LAST_SUFFIX,
@@ -84,6 +92,15 @@ def test_mesh_option_is_parsed_and_bad_values_get_one_line_errors():
         with pytest.raises(ValueError, match="--mesh") as err:
             parse_mesh(bad)
         assert "\n" not in str(err.value)
+
+
+def test_plan_flags_keep_the_users_and_drop_the_device_count():
+    """XLA keeps only the last ``--xla_disable_hlo_passes``: the plan's passes join the user's instead."""
+    user = "--xla_dump_to=/tmp/x --xla_disable_hlo_passes=foo --xla_force_host_platform_device_count=8"
+    plan_passes = "--xla_disable_hlo_passes=cpu-all-reduce-combiner,cse_barrier_expander"
+    assert plan_xla_flags(user).split() == ["--xla_dump_to=/tmp/x", PLAN_SCHEDULER, plan_passes + ",foo"]
+    own = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"  # a scheduler the user chose stays
+    assert plan_xla_flags(own).split() == [own, plan_passes]
 
 
 def test_plan_command_errors_name_the_culprit(capsys, tmp_path):

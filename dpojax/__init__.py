@@ -3,7 +3,7 @@
 import flax as _flax
 
 # Parameters are created unsharded; dpojax.parallel places them on the mesh from their logical axis names. The
-# config default, not nnx.use_eager_sharding (thread-local), so threads (`dpojax plan`'s compiles) see it too.
+# process-wide config default, not nnx.use_eager_sharding, which holds only in the thread that calls it.
 _flax.config.update("flax_always_shard_variable", False)
 
 __version__ = "0.1.0"

@@ -292,15 +292,14 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
                     worker.kill()
                     worker.wait()
         result_path = workdir / "result.json"
-        if not result_path.is_file():
-            tail = log.read_text(errors="replace").strip().splitlines()[-20:]
-            raise RuntimeError(f"plan: the compile process exited with {worker.returncode} and no result:\n"
-                               + "\n".join(tail))
-        result = json.loads(result_path.read_text())
-        if "error" in result:
-            if result["user_error"]:  # one line for the command: a bad config value, a missing folder
-                raise ValueError(result["error"])
-            raise RuntimeError(f"plan: {result['type']}: {result['error']}\n{log.read_text(errors='replace')}")
+        result = json.loads(result_path.read_text()) if result_path.is_file() else None
+        if result is not None and "error" in result and result["user_error"]:
+            raise ValueError(result["error"])  # one line for the command: a bad config value, a missing folder
+        if result is None or "error" in result:
+            what = (f"the compile process exited with {worker.returncode} and no result" if result is None
+                    else f"{result['type']}: {result['error']}")
+            tail = log.read_text(errors="replace").strip().splitlines()[-20:]  # the worker's traceback
+            raise RuntimeError("\n".join([f"plan: {what}", *tail]))
     return Plan(**result["plan"])
 
 

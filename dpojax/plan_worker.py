@@ -94,15 +94,13 @@ def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int
     """The plan of ``config``'s step on a mesh of fake CPU devices (this process must not have started JAX)."""
     import jax
 
+    from dpojax import parallel
     from dpojax.plan import Plan, abstract_step, held_bytes, plan_xla_flags
 
     count = math.prod(mesh_sizes.values())
     os.environ["XLA_FLAGS"] = plan_xla_flags(os.environ.get("XLA_FLAGS", ""))  # read when JAX starts XLA
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)
-
-    from dpojax import parallel
-
     mesh = parallel.make_mesh(**mesh_sizes, devices=jax.devices("cpu")[:count])
     update, config, args = abstract_step(config, mesh, folder)
     start = time.perf_counter()

@@ -170,7 +170,7 @@ def test_sharding_remat_and_micro_batch_show_in_the_plan(tiny, baseline):
     assert sharded.policy_params < baseline.policy_params / 2  # most bytes are in kernels split over fsdp
     assert sharded.batch == baseline.batch  # 2 pairs per device either way
     remat = _plan(tiny, **{"model.remat": "full"})
-    # The recomputed forward shows in the FLOPs (its memory saving needs the plan command's XLA flags: below).
+    # The recomputed forward shows in the FLOPs (its memory saving: test_remat_lowers_the_temporaries_...).
     assert remat.flops_per_device > 1.1 * baseline.flops_per_device
     lora = _plan(tiny, **{"model.lora_rank": 4})
     assert lora.reference == baseline.reference  # the base UNet, frozen, serves as the reference

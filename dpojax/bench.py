@@ -1,14 +1,15 @@
 """`dpojax bench CONFIG`: time the real training steps and the PyTorch original on the same work.
 
-What is timed: the jitted Diffusion-DPO step of ``dpojax.train.step`` (policy forward+backward and reference
-forward on the pair-interleaved winners and losers, the fp32 loss, global-norm clip and the optimizer update),
-compiled ahead of time (compile time reported apart), then the median of ``iters`` calls after ``warmup``.
+What is timed: the trainer's own programs on the trainer's own setup (``dpojax.train.harness``): the jitted
+Diffusion-DPO step of ``dpojax.train.dpo`` (policy forward+backward and reference forward on the
+pair-interleaved winners and losers, the fp32 loss, global-norm clip and the optimizer update), compiled ahead
+of time (compile time reported apart), then the median of ``iters`` calls after ``warmup``.
 By default its inputs are cache-like (posterior moments and text encodings, as a `dpojax data encode` cache
 gives), so the step runs the UNets only; ``--encode`` also times the variant that encodes pixels with the VAE
 and token ids with the text encoders inside the step. The PyTorch side (``dpojax.bench_torch``, imported only
 here) runs the reference Diffusion-DPO step with diffusers' UNet loaded from the same pipeline folder, on the
 same inputs, batch, dtype and thread count, and the ratio JAX / PyTorch is printed. The same is done for a
-D3PO step over K denoising steps (``dpojax.train.d3po_step.make_update``).
+D3PO step over K denoising steps (``dpojax.train.d3po.update_program``) on the same models and pairs.
 
 Rounds alternate a block of JAX calls with a block of PyTorch calls, so a change in machine load hits both;
 the ratio is the median of the per-round ratios. MFU uses the FLOPs of XLA's cost analysis of the compiled
@@ -24,12 +25,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dpojax import parallel
 from dpojax.config import Config
@@ -128,12 +127,8 @@ def dpo_inputs(components, config: Config, pairs: int, encode: bool, seed: int =
     shapes, res = unet_shapes(components, config), config.data.resolution
     batch: dict[str, np.ndarray] = {}
     if encode:
-        from dpojax.train.step import tokenize
-
         batch["pixels"] = rng.uniform(-1, 1, (pairs, 2, res, res, 3)).astype(np.float32)
-        batch["input_ids"] = tokenize(components.tokenizer, [PROMPT] * pairs)
-        if components.is_sdxl:
-            batch["input_ids_2"] = tokenize(components.tokenizer_2, [PROMPT] * pairs)
+        batch.update(components.folder.token_ids([PROMPT] * pairs))
     else:
         latent = (pairs, 2, components.latent_channels, shapes["latent"], shapes["latent"])
         batch["latent_mean"] = rng.standard_normal(latent, dtype=np.float32)
@@ -152,13 +147,21 @@ def d3po_inputs(components, config: Config, pairs: int, seed: int = 0) -> dict[s
 
     rng = np.random.default_rng(seed)
     size, steps = unet_shapes(components, config)["latent"], config.d3po.num_steps
-    res = config.data.resolution
-    batch = text_inputs(components, [PROMPT] * pairs, res, res)
+    batch = text_inputs(components, [PROMPT] * pairs, config.d3po.resolution)
     batch["latents"] = rng.standard_normal((pairs, 2, steps + 1, components.latent_channels, size, size),
                                            dtype=np.float32)
     first = rng.choice([-1, 1], pairs).astype(np.int32)
     batch["preference"] = np.stack([first, -first], axis=-1)
     return batch
+
+
+def bench_config(config: Config, d3po_k: int) -> Config:
+    """``config`` with the D3PO step benchmarked on the DPO step's models, pairs and resolution: K of
+    ``d3po.num_steps`` denoising steps, ``dpo.pairs_per_device`` pairs per device."""
+    pairs = config.dpo.pairs_per_device
+    return dataclasses.replace(config, d3po=dataclasses.replace(
+        config.d3po, resolution=config.data.resolution, timestep_fraction=max(d3po_k, 1) / config.d3po.num_steps,
+        train_batch_size=pairs, sample_batch_size=pairs, num_batches_per_epoch=1))
 
 
 # --- the JAX side -----------------------------------------------------------------------------------------------
@@ -172,81 +175,40 @@ def bench_mesh(config: Config) -> jax.sharding.Mesh:
     return parallel.make_mesh(*sizes, devices=devices)
 
 
-def _compile(jitted, *args) -> tuple[Any, float, float | None]:
-    start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = float(cost["flops"]) if cost and cost.get("flops", -1) > 0 else None
-    return compiled, seconds, flops
+def fresh_state(setup):
+    """A new initial state for each case: the step donates its state, and jit hands the setup's own parameter
+    arrays through to the state, so each case starts from a copy."""
+    return dataclasses.replace(setup, params=jax.tree.map(jnp.copy, setup.params)).init_state()
 
 
-class JaxSetup:
-    """Models, optimizer and initial state of ``config`` on its mesh, as ``dpojax train`` builds them."""
+def timed_case(name: str, jitted, args: tuple, pairs: int) -> Case:
+    """A ``Case`` calling ``jitted``, compiled for ``args``, carrying the (donated) state between calls."""
+    from dpojax.train.harness import Program, compile_program, compiled_flops
 
-    def __init__(self, config: Config):
-        from dpojax.train.optim import make_optimizer, opt_state_shardings
-        from dpojax.train.state import TrainState, load_components, shardings_of
-
-        self.config = config
-        self.mesh = bench_mesh(config)
-        self.batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.components, params, self.frozen = load_components(config, self.mesh)  # with model.attention's kernel
-        self.tx, self.lr_schedule = make_optimizer(config.optim, config.learning_rate(self.batch_devices))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.param_shardings = shardings_of(params)
-        self.state_shardings = TrainState(replicated, self.param_shardings,
-                                          opt_state_shardings(self.tx, params, self.param_shardings, replicated),
-                                          replicated)
-        self.frozen_shardings = shardings_of(self.frozen)
-        self.params = params
-
-    def fresh_state(self):
-        from dpojax.train.state import TrainState
-
-        params = jax.tree.map(jnp.copy, self.params)  # the step donates the state: never hand it the originals
-        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-        key = jax.random.key_data(jax.random.key(self.config.train.seed))
-        return jax.device_put(TrainState(jnp.int32(0), params, opt_state, key), self.state_shardings)
-
-    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        from dpojax.train.step import device_batch
-
-        return device_batch(batch, parallel.batch_sharding(self.mesh))
-
-
-def dpo_case(setup: JaxSetup, batch: dict[str, np.ndarray], name: str) -> Case:
-    from dpojax.train.step import make_step_functions
-
-    fns = make_step_functions(setup.components, setup.config, setup.tx, setup.lr_schedule, setup.mesh,
-                              setup.state_shardings, setup.frozen_shardings, parallel.batch_sharding(setup.mesh))
-    state, device_batch, micro = setup.fresh_state(), setup.device_batch(batch), jnp.int32(0)
-    compiled, compile_s, flops = _compile(fns.update, state, None, setup.frozen, device_batch, micro)
-    holder = {"state": state}
+    compiled, compile_s = compile_program(Program(name, jitted, args, ()))
+    holder = {"args": list(args)}
 
     def call():
-        holder["state"], _, metrics = compiled(holder["state"], None, setup.frozen, device_batch, micro)
-        jax.block_until_ready(metrics)
+        out = compiled(*holder["args"])
+        holder["args"][0] = out[0]  # the new state
+        jax.block_until_ready(out[-1])  # the metrics
 
-    return Case(name, batch_pairs(batch), call, compile_s, flops)
+    return Case(name, pairs, call, compile_s, compiled_flops(compiled))
 
 
-def d3po_case(setup: JaxSetup, batch: dict[str, np.ndarray]) -> Case:
-    from dpojax.train.d3po_step import make_update
+def dpo_case(setup, batch: dict[str, np.ndarray], name: str) -> Case:
+    from dpojax.train.dpo import update_program
 
-    update = make_update(setup.components, setup.config, setup.tx, setup.lr_schedule, setup.mesh,
-                         setup.state_shardings, setup.frozen_shardings)
-    state, device_batch = setup.fresh_state(), setup.device_batch(batch)
-    compiled, compile_s, flops = _compile(update, state, setup.frozen, device_batch)
-    holder = {"state": state}
+    args = (fresh_state(setup), None, setup.frozen, parallel.global_batch(batch, setup.mesh), jnp.int32(0))
+    return timed_case(name, update_program(setup).jitted, args, batch_pairs(batch))
 
-    def call():
-        holder["state"], metrics = compiled(holder["state"], setup.frozen, device_batch)
-        jax.block_until_ready(metrics)
 
-    return Case(f"D3PO step, K={d3po_positions(setup.config)} of {setup.config.d3po.num_steps} steps",
-                batch_pairs(batch), call, compile_s, flops)
+def d3po_case(setup, batch: dict[str, np.ndarray]) -> Case:
+    from dpojax.train.d3po import update_program
+
+    args = (fresh_state(setup), setup.frozen, parallel.global_batch(batch, setup.mesh))
+    return timed_case(f"D3PO step, K={d3po_positions(setup.config)} of {setup.config.d3po.num_steps} steps",
+                      update_program(setup).jitted, args, batch_pairs(batch))
 
 
 def batch_pairs(batch: dict[str, np.ndarray]) -> int:
@@ -320,13 +282,16 @@ def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int =
     if iters < 1 or rounds < 1 or warmup < 0 or d3po_k < 0:
         raise ValueError(f"bench: --iters ({iters}) and --rounds ({rounds}) must be >= 1, --warmup ({warmup}) "
                          f"and --d3po-k ({d3po_k}) >= 0")
-    if d3po_k:
-        if d3po_k > config.d3po.num_steps:
-            raise ValueError(f"bench: --d3po-k {d3po_k} is more than d3po.num_steps={config.d3po.num_steps}")
-        config = dataclasses.replace(config, d3po=dataclasses.replace(
-            config.d3po, timestep_fraction=d3po_k / config.d3po.num_steps))
-    setup = JaxSetup(config)
-    pairs = config.train.pairs_per_device * setup.batch_devices
+    if config.objective != "dpo":
+        raise ValueError(f"bench: give a DPO config (objective dpo): the D3PO step is timed on its models and "
+                         f"pairs; got objective {config.objective!r}")
+    if d3po_k > config.d3po.num_steps:
+        raise ValueError(f"bench: --d3po-k {d3po_k} is more than d3po.num_steps={config.d3po.num_steps}")
+    config = bench_config(config, d3po_k)
+    from dpojax.train.harness import Setup
+
+    setup = Setup.build(config, mesh=bench_mesh(config))
+    pairs = config.dpo.pairs_per_device * setup.batch_devices
     device = jax.devices()[0]
     threads = thread_count()
     print(f"dpojax bench: {config.model.pretrained} on {len(setup.mesh.devices.flat)} x {device.device_kind} "
@@ -350,7 +315,9 @@ def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int =
             case.torch_call = torch_runner.dpo_step(batch)
         results.append(report(case, *_run_rounds(case, iters, warmup, rounds), torch_note, out))
         print_attention_kernels(out)
-    if d3po_k:
+    if d3po_k and setup.components.reference is None:
+        print(f"D3PO step skipped: loss.type {config.loss.type!r} loads no reference UNet", file=out)
+    elif d3po_k:
         batch = d3po_inputs(setup.components, config, pairs)
         case = d3po_case(setup, batch)
         if torch_runner is not None:
@@ -374,7 +341,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("bench", help="time the DPO and D3PO training steps (JAX) against the PyTorch "
                                             "original on the same inputs; pairs/s, compile time, MFU")
     p.add_argument("config", help="YAML file, e.g. configs/tiny_sdxl_dpo.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.pairs_per_device=4")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. dpo.pairs_per_device=4")
     p.add_argument("--iters", type=int, default=10, help="timed calls per round (default 10)")
     p.add_argument("--rounds", type=int, default=3, help="rounds alternating JAX and PyTorch blocks (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")

@@ -1,10 +1,10 @@
 """The PyTorch side of `dpojax bench`: the reference Diffusion-DPO and D3PO steps with diffusers' UNet.
 
-Written as the official code does it (``reference/diffusion_dpo.md`` §1, ``reference/d3po.md``): winners then
+Written as the official code does it (docs/losses.md, docs/d3po.md): winners then
 losers in one batch, one noise and timestep per pair, the reference under ``no_grad``, ``-logsigmoid`` of
 ``-β/2·(Δθ − Δref)``, global-norm clip, then the optimizer; D3PO loops over its K timesteps with a backward at
 each and one optimizer step. Models come from the same pipeline folder and dtypes as the JAX run. Only
-``dpojax.bench`` imports this module (torch and diffusers are test extras).
+``dpojax.bench`` and the tests import this module (torch and diffusers are test extras).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from dpojax.config import Config
+from dpojax.diffusers_folder import read_pipeline_folder
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +46,8 @@ class TorchRunner:
                 folder / "text_encoder_2").to(frozen).requires_grad_(False)
         self.scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
         self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
+        self.final_alpha_cumprod = (self.alphas_cumprod[0] if self.scheduler.config.get("set_alpha_to_one") is False
+                                    else torch.tensor(1.0))
         optim = config.optim
         lr = config.learning_rate(1)
         if optim.name == "adamw":
@@ -127,20 +130,6 @@ class TorchRunner:
 
     # --- D3PO ---------------------------------------------------------------------------------------------------
 
-    def ddim_log_prob(self, eps, t, t_prev, x_t, x_prev, eta: float):
-        """Per-sample mean log N(x_prev; μ, σ²) of a DDIM step (DDPO's ``ddim_step_with_logprob``)."""
-        shape = (-1,) + (1,) * (x_t.ndim - 1)
-        final = self.alphas_cumprod[0] if self.scheduler.config.get("set_alpha_to_one") is False else 1.0
-        a_t = self.alphas_cumprod[t].reshape(shape)
-        a_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)],
-                             torch.as_tensor(final)).reshape(shape)
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        sigma = sigma.clamp(min=1e-6)
-        log_prob = -((x_prev.detach() - mean) ** 2) / (2 * sigma**2) - sigma.log() - math.log(math.sqrt(2 * math.pi))
-        return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-
     def d3po_step(self, batch: dict[str, np.ndarray]):
         """A zero-argument callable running one D3PO update on ``batch``: a backward per trained timestep."""
         from dpojax import schedule as sched
@@ -157,23 +146,26 @@ class TorchRunner:
         preference = torch.from_numpy(batch["preference"]).float()
         time_ids = torch.from_numpy(batch["time_ids"]).repeat_interleave(2, 0) if "time_ids" in batch else None
         guided = d3po.guidance_scale > 1
+        folder = read_pipeline_folder(self.config.model.pretrained)
+        if not folder.force_zeros_for_empty_prompt:  # the negative is the encoded empty prompt
+            empty = folder.token_ids([""])
+            empty_hidden, empty_pooled = self.encode_text(empty["input_ids"], empty.get("input_ids_2"))
+
+        def negative(hidden, pooled):
+            if folder.force_zeros_for_empty_prompt:
+                return torch.zeros_like(hidden), None if pooled is None else torch.zeros_like(pooled)
+            return empty_hidden.expand_as(hidden), None if pooled is None else empty_pooled.expand_as(pooled)
 
         def predict(unet, x, t, hidden, pooled):
             if not guided:
                 return self.unet_call(unet, x, t, hidden, pooled, time_ids)
             ids = None if time_ids is None else torch.cat([time_ids, time_ids])
-            neg_hidden = torch.zeros_like(hidden) if pooled is not None else self.empty_hidden.expand_as(hidden)
-            both_pooled = None if pooled is None else torch.cat([torch.zeros_like(pooled), pooled])
+            neg_hidden, neg_pooled = negative(hidden, pooled)
+            both_pooled = None if pooled is None else torch.cat([neg_pooled, pooled])
             out = self.unet_call(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg_hidden, hidden]),
                                  both_pooled, ids)
             uncond, cond = out.float().chunk(2)
             return uncond + d3po.guidance_scale * (cond - uncond)
-
-        if guided and self.text_encoder_2 is None:
-            from dpojax.train.step import tokenize
-
-            tokenizer = CLIPTokenizer.from_pretrained(Path(self.config.model.pretrained) / "tokenizer")
-            self.empty_hidden = self.encode_text(tokenize(tokenizer, [""]), None)[0]
 
         def step():
             hidden, pooled = self.encode_text(batch["input_ids"], batch.get("input_ids_2"))
@@ -186,9 +178,11 @@ class TorchRunner:
                 x, x_next = flat[rows, pos], flat[rows, pos + 1]
                 t, t_prev = timesteps[pos], prev_timesteps[pos]
                 with torch.no_grad():
-                    ref_logp = self.ddim_log_prob(predict(self.reference, x, t, hidden, pooled), t, t_prev, x,
-                                                  x_next, d3po.eta)
-                logp = self.ddim_log_prob(predict(self.unet, x, t, hidden, pooled), t, t_prev, x, x_next, d3po.eta)
+                    ref_logp = ddim_log_prob(self.alphas_cumprod, self.final_alpha_cumprod,
+                                             predict(self.reference, x, t, hidden, pooled), t, t_prev, x, x_next,
+                                             d3po.eta)
+                logp = ddim_log_prob(self.alphas_cumprod, self.final_alpha_cumprod,
+                                     predict(self.unet, x, t, hidden, pooled), t, t_prev, x, x_next, d3po.eta)
                 ratio = torch.clamp(torch.exp(logp - ref_logp), 1 - d3po.eps, 1 + d3po.eps).reshape(pairs, 2)
                 logits = d3po.beta * (preference * torch.log(ratio)).sum(-1)
                 loss = -F.logsigmoid(logits).mean() / positions_k
@@ -196,3 +190,19 @@ class TorchRunner:
             self.optimizer_step()
 
         return step
+
+
+def ddim_log_prob(alphas_cumprod, final_alpha_cumprod, eps, t, t_prev, x_t, x_prev, eta: float):
+    """Per-sample mean log N(x_prev; μ, σ²) of a DDIM step from x_t at t to t_prev (< 0: past the end, where
+    ᾱ is ``final_alpha_cumprod``) with noise prediction ``eps``: DDPO's ``ddim_step_with_logprob``, in the
+    dtype of its arguments. Used by the benchmark and, in float64, as the tests' oracle."""
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    a_t = alphas_cumprod[t].reshape(shape)
+    a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)],
+                         torch.as_tensor(final_alpha_cumprod, dtype=alphas_cumprod.dtype)).reshape(shape)
+    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+    sigma = sigma.clamp(min=1e-6)
+    log_prob = -((x_prev.detach() - mean) ** 2) / (2 * sigma**2) - sigma.log() - math.log(math.sqrt(2 * math.pi))
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))

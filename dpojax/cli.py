@@ -37,6 +37,19 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def _config(args: argparse.Namespace) -> None:
+    from dpojax.config import describe_keys, load_config
+
+    if args.list:
+        print(describe_keys(), end="")
+        return
+    if args.config is None:
+        raise ValueError("give a CONFIG to resolve, or --list for every key")
+    import yaml
+
+    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpojax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,14 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default: the config's)")
     p.set_defaults(run=_demo)
 
+    p = sub.add_parser("config", help="print every config key with its default and meaning (--list), or a config "
+                                      "file resolved with its overrides")
+    p.add_argument("config", nargs="?", help="YAML file to validate and print resolved")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--list", action="store_true", help="every key, section by section, with default and meaning")
+    p.set_defaults(run=_config)
+
     p = sub.add_parser("plan", help="compile a config's training step on fake CPU devices and report per-device "
                                     "memory and FLOPs (exit 1 when it does not fit)")
     p.add_argument("config", help="YAML file, e.g. configs/sdxl_dpo.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.remat=none train.pairs_per_device=2")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.remat=none dpo.pairs_per_device=2")
     p.add_argument("--mesh", help="axis sizes, e.g. data=1,fsdp=8,tensor=1 (default: the config's mesh)")
     p.add_argument("--device-memory", type=float, default=16.0, help="GiB per device (default 16)")
     p.add_argument("--arch-dir", help="pipeline folder with the architecture configs (default: model.pretrained "
-                                      "if it exists, else configs/arch/<model.arch>)")
+                                      "if it exists, else the one of model.arch shipped in dpojax/arch)")
     p.set_defaults(run=_plan)
 
     from dpojax.bench import register_cli as register_bench

@@ -35,7 +35,7 @@ def run_demo(out: str | Path, *, config_path: str | Path = DEFAULT_CONFIG, seed:
     overrides = [f"model.pretrained={model}", f"data.data_dir={pairs}", f"train.output_dir={run}",
                  f"train.seed={seed}", "train.export=pipeline"]
     if steps is not None:
-        overrides.append(f"train.steps={steps}")
+        overrides.append(f"dpo.steps={steps}")
     result = train(load_config(config_path, overrides))
     if result.interrupted_by is not None:
         raise InterruptedError(f"training stopped by {result.interrupted_by}; rerun the demo to resume")

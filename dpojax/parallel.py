@@ -34,12 +34,8 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 _LOGICAL_AXES_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over ``devices`` (default: all); one size may be -1 to fill the rest.
-
-    Axes are ``AxisType.Auto`` so jit propagates shardings (``jax.make_mesh`` would default to Explicit).
-    """
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(data: int, fsdp: int, tensor: int, device_count: int) -> dict[str, int]:
+    """The axis sizes of a mesh over ``device_count`` devices; one size may be -1 to fill the rest."""
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     bad = {name: size for name, size in sizes.items() if size == 0 or size < -1}
     if bad:
@@ -49,14 +45,30 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequen
         raise ValueError(f"make_mesh: only one axis may be -1 (fill), got {fill}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if fill:
-        if len(devices) % fixed:
-            raise ValueError(f"make_mesh: {len(devices)} devices cannot be split into {sizes}")
-        sizes[fill[0]] = len(devices) // fixed
-    if math.prod(sizes.values()) != len(devices):
+        if device_count % fixed:
+            raise ValueError(f"make_mesh: {device_count} devices cannot be split into {sizes}")
+        sizes[fill[0]] = device_count // fixed
+    if math.prod(sizes.values()) != device_count:
         raise ValueError(f"make_mesh: mesh {sizes} needs {math.prod(sizes.values())} devices, "
-                         f"{len(devices)} available")
+                         f"{device_count} available")
+    return sizes
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over ``devices`` (default: all); one size may be -1 to fill the rest.
+
+    Axes are ``AxisType.Auto`` so jit propagates shardings (``jax.make_mesh`` would default to Explicit).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_device_count(mesh_config) -> int:
+    """Devices along the batch axes (data x fsdp) of the config's ``mesh`` over all devices, unbuilt."""
+    sizes = mesh_sizes(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(jax.devices()))
+    return sizes["data"] * sizes["fsdp"]
 
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
@@ -128,12 +140,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def shard_state(state: nnx.State, mesh: Mesh, rules: Mapping | None = None) -> nnx.State:
-    """``state`` placed on the mesh according to the rules."""
-    return jax.device_put(state, state_shardings(state, mesh, rules))
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of every array placed as one global batch sharded over the batch mesh axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def shard_module(module: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> nnx.Module:
-    """Place every variable of ``module`` on the mesh, in place; returns the module."""
-    nnx.update(module, shard_state(nnx.state(module), mesh, rules))
-    return module
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, on the host (``global_batch`` reversed)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, PartitionSpec(BATCH_AXES)))

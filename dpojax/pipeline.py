@@ -9,7 +9,6 @@ the policy UNet; it records the whole trajectory and per-step log-probs when ask
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -23,11 +22,10 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from dpojax import schedule as sched
+from dpojax.diffusers_folder import PipelineFolder, read_pipeline_folder, tokenize
 from dpojax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from dpojax.models.unet import UNet2DConditionModel
 from dpojax.models.vae import AutoencoderKL
-
-PIPELINE_CLASSES = {"StableDiffusionPipeline": False, "StableDiffusionXLPipeline": True}  # name -> is_sdxl
 
 
 @jax.tree_util.register_dataclass
@@ -133,7 +131,7 @@ def _sample_latents(unet, schedule, cond, uncond, latents, timesteps, prev_times
 
 
 @nnx.jit
-def _decode_to_uint8(vae: AutoencoderKL, latents: jax.Array) -> jax.Array:
+def decode_to_uint8(vae: AutoencoderKL, latents: jax.Array) -> jax.Array:
     z = latents / vae.scaling_factor
     if vae.shift_factor is not None:
         z = z + vae.shift_factor
@@ -156,12 +154,6 @@ def encode_text(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithPr
 
 
 _encode_text = nnx.jit(encode_text)
-
-
-def _tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> jax.Array:
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="np").input_ids
-    return jnp.asarray(ids, jnp.int32)
 
 
 def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
@@ -189,32 +181,21 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, dtype=jnp.float32, compute_dtype=None) -> Pipeline:
         """Load every component of a diffusers pipeline folder (``dtype``: parameter dtype)."""
-        folder = Path(folder)
-        index_path = folder / "model_index.json"
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{folder} has no model_index.json (not a diffusers pipeline folder)")
-        index = json.loads(index_path.read_text())
-        class_name = index.get("_class_name")
-        if class_name not in PIPELINE_CLASSES:
-            raise ValueError(f"{index_path}: _class_name={class_name!r} is not supported "
-                             f"(choose one of {', '.join(PIPELINE_CLASSES)})")
-        is_sdxl = PIPELINE_CLASSES[class_name]
-        scheduler_path = folder / "scheduler" / "scheduler_config.json"
-        if not scheduler_path.is_file():
-            raise FileNotFoundError(f"{folder} has no scheduler/scheduler_config.json")
+        return cls.from_folder(read_pipeline_folder(folder), dtype=dtype, compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_folder(cls, folder: PipelineFolder, *, dtype=jnp.float32, compute_dtype=None, **models) -> Pipeline:
+        """The pipeline of ``folder``: the models given in ``models`` (e.g. a trained ``unet``), the others
+        loaded from the folder."""
         kw = dict(dtype=dtype, compute_dtype=compute_dtype)
-        return cls(
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
-            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            schedule=sched.NoiseSchedule.from_config(json.loads(scheduler_path.read_text())),
-            is_sdxl=is_sdxl,
-            text_encoder_2=(CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2",
-                                                                        **kw) if is_sdxl else None),
-            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if is_sdxl else None,
-            force_zeros_for_empty_prompt=is_sdxl and index.get("force_zeros_for_empty_prompt", True),
-        )
+        loaders = {"unet": lambda: UNet2DConditionModel.from_pretrained(folder.path, subfolder="unet", **kw),
+                   "vae": lambda: AutoencoderKL.from_pretrained(folder.path, subfolder="vae", **kw),
+                   "text_encoder": lambda: CLIPTextModel.from_pretrained(folder.path, subfolder="text_encoder", **kw),
+                   "text_encoder_2": lambda: (CLIPTextModelWithProjection.from_pretrained(
+                       folder.path, subfolder="text_encoder_2", **kw) if folder.is_sdxl else None)}
+        built = {name: models[name] if name in models else load() for name, load in loaders.items()}
+        return cls(**built, tokenizer=folder.tokenizer, tokenizer_2=folder.tokenizer_2, schedule=folder.schedule,
+                   is_sdxl=folder.is_sdxl, force_zeros_for_empty_prompt=folder.force_zeros_for_empty_prompt)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -238,10 +219,11 @@ class Pipeline:
                       width: int | None = None) -> TextConditioning:
         """Encode as diffusers does (SD: last hidden state; SDXL: penultimate states, pooled, time ids)."""
         prompts = _as_prompt_list(prompts)
-        ids = _tokenize(self.tokenizer, prompts)
+        ids = jnp.asarray(tokenize(self.tokenizer, prompts))
         if not self.is_sdxl:
             return _encode_text(self.text_encoder, None, ids, None)
-        cond = _encode_text(self.text_encoder, self.text_encoder_2, ids, _tokenize(self.tokenizer_2, prompts))
+        cond = _encode_text(self.text_encoder, self.text_encoder_2, ids,
+                            jnp.asarray(tokenize(self.tokenizer_2, prompts)))
         height, width = self._resolve_size(height, width)
         return dataclasses.replace(cond, time_ids=jnp.asarray(sdxl_time_ids(height, width, len(prompts))))
 
@@ -277,7 +259,7 @@ class Pipeline:
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         """Latents (in the UNet's scale) to uint8 NHWC images."""
-        return np.asarray(_decode_to_uint8(self.vae, latents))
+        return np.asarray(decode_to_uint8(self.vae, latents))
 
     def sample(self, prompts: str | Sequence[str], *, return_trajectory: bool = False, **kwargs
                ) -> np.ndarray | tuple[np.ndarray, Trajectory]:

@@ -1,15 +1,16 @@
 """``dpojax plan``: will a training config fit, and what does one step cost, before renting the machines?
 
-The real training step (``dpojax.train.step.make_step_functions``) is compiled ahead of time against
-shape-only models and batch on a mesh of fake CPU devices of the requested shape: no weights are read or
-allocated, only the architecture configs (a diffusers pipeline folder that may hold nothing but its JSON files;
-the full-size SD1.5 and SDXL ones live in ``configs/arch``). XLA's buffer assignment of the compiled
-per-device program gives what one device holds (arguments: policy weights, optimizer state, reference and
-frozen encoders, batch; plus outputs and temporaries, minus donated buffers), its cost analysis the FLOPs of a
-step. The compile runs in a fresh process (``dpojax.plan_worker``) with the planning XLA flags and as many
+The objective's real training step is compiled ahead of time against shape-only models and batch on a mesh of
+fake CPU devices of the requested shape: the trainer's own setup (``dpojax.train.harness.Setup.build`` with
+``weights="none"``) and its own update program, so what the plan counts is what the trainer holds. No weights
+are read or allocated, only the architecture configs (a diffusers pipeline folder that may hold nothing but its
+JSON files; the full-size SD1.5 and SDXL ones ship in ``dpojax/arch``). XLA's buffer assignment of the
+compiled per-device program gives what one device holds (arguments: policy weights, optimizer state, reference
+and frozen encoders, batch; plus outputs and temporaries, minus donated buffers), its cost analysis the FLOPs
+of a step. The compile runs in a fresh process (``dpojax.plan_worker``) with the planning XLA flags and as many
 fake devices as the mesh needs, and stops at the buffer assignment. The numbers are the CPU compiler's: a TPU
 or GPU compiler fuses and schedules differently, so treat the temporaries as an estimate; the argument bytes
-are exact.
+are exact. docs/planner.md says more.
 """
 
 from __future__ import annotations
@@ -24,31 +25,13 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dpojax import parallel
-from dpojax import schedule as sched
 from dpojax.config import Config, ConfigError
-from dpojax.losses import REFERENCE_FREE_LOSSES
-from dpojax.models.lora import split_adapters
-from dpojax.train.state import (
-    DTYPES,
-    REMAT,
-    Components,
-    TrainState,
-    abstract_lora_policy,
-    check_supported,
-    lora_spec,
-    read_pipeline_arch,
-    with_attention_kernel,
-)
-from dpojax.weights.folder import component_folder, read_config
-from dpojax.weights.io import abstract_module
+from dpojax.weights.folder import component_folder
 
-ARCH_ROOT = Path(__file__).resolve().parents[1] / "configs" / "arch"
+ARCH_ROOT = Path(__file__).resolve().parent / "arch"
 ARCH_FOLDERS = {"sd15": "sd-v1-5", "sdxl": "sdxl-base-1.0"}
 GIB = 1024 ** 3
 
@@ -95,7 +78,7 @@ def plan_xla_flags(user_flags: str) -> str:
 
 def architecture_folder(config: Config, arch_dir: str | Path | None = None) -> Path:
     """Where the architecture configs come from: ``arch_dir``, else ``model.pretrained`` when it exists, else
-    the full-size configs of ``model.arch`` shipped in ``configs/arch``."""
+    the full-size configs of ``model.arch`` shipped in ``dpojax/arch``."""
     if arch_dir is not None:
         return component_folder(arch_dir)
     pretrained = config.model.pretrained
@@ -105,92 +88,6 @@ def architecture_folder(config: Config, arch_dir: str | Path | None = None) -> P
         raise ConfigError(f"config: model.pretrained={pretrained!r} is not a pipeline folder and model.arch="
                           f"{config.model.arch!r} has no shipped architecture (use sd15 or sdxl, or --arch-dir)")
     return ARCH_ROOT / ARCH_FOLDERS[config.model.arch]
-
-
-def _with_shardings(params: nnx.State, mesh) -> dict:
-    """An abstract parameter state as a plain dict of ShapeDtypeStructs carrying their mesh shardings."""
-    shardings = nnx.to_pure_dict(parallel.state_shardings(params, mesh))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(params),
-                        shardings)
-
-
-def _abstract(cls, folder: Path, subfolder: str, mesh, **kwargs) -> tuple[nnx.GraphDef, dict, nnx.Module]:
-    """(graph, ShapeDtypeStructs carrying their shardings, the abstract module) of one component."""
-    module = abstract_module(cls, read_config(component_folder(folder, subfolder)), **kwargs)
-    graph, params, _ = nnx.split(module, nnx.Param, ...)
-    return graph, _with_shardings(params, mesh), module
-
-
-def abstract_components(config: Config, folder: Path, mesh) -> tuple[Components, dict, dict]:
-    """``train.state.load_components`` with shapes only: (components, policy params, frozen params); with
-    LoRA (``model.lora_rank`` > 0) the policy params are the adapters and the base UNet is the reference."""
-    from dpojax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
-    from dpojax.models.unet import UNet2DConditionModel
-    from dpojax.models.vae import AutoencoderKL
-
-    check_supported(config)
-    is_sdxl = read_pipeline_arch(folder, config.model.arch)
-    model = config.model
-    compute, frozen_dtype = DTYPES[model.dtype], DTYPES[model.reference_dtype]
-    spec = lora_spec(model)
-    frozen: dict[str, dict] = {}
-    reference_graph = None
-    if spec is not None:  # as load_components: the base UNet is the reference, the adapters are trained
-        reference_graph, frozen["reference"], base = _abstract(UNet2DConditionModel, folder, "unet", mesh,
-                                                               dtype=compute, param_dtype=frozen_dtype)
-        unet_config = dict(base.config)
-        unet_graph, lora_state = abstract_lora_policy(unet_config, spec, model, compute)
-        params = split_adapters(_with_shardings(lora_state, mesh))[1]
-    else:
-        unet_graph, params, policy = _abstract(UNet2DConditionModel, folder, "unet", mesh, dtype=compute,
-                                               param_dtype=DTYPES[model.param_dtype], remat=REMAT[model.remat])
-        unet_config = dict(policy.config)
-        if config.loss.type not in REFERENCE_FREE_LOSSES:
-            reference_graph, frozen["reference"], _ = _abstract(UNet2DConditionModel, folder, "unet", mesh,
-                                                                dtype=compute, param_dtype=frozen_dtype)
-    kw = dict(dtype=compute, param_dtype=frozen_dtype)
-    vae_folder, vae_sub = (Path(model.vae), None) if model.vae else (folder, "vae")
-    vae_graph, frozen["vae"], vae = _abstract(AutoencoderKL, vae_folder, vae_sub, mesh, **kw)
-    te_graph, frozen["text_encoder"], _ = _abstract(CLIPTextModel, folder, "text_encoder", mesh, **kw)
-    te2_graph = None
-    if is_sdxl:
-        te2_graph, frozen["text_encoder_2"], _ = _abstract(CLIPTextModelWithProjection, folder, "text_encoder_2",
-                                                           mesh, **kw)
-    schedule = sched.NoiseSchedule.from_config(
-        json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
-    components = Components(
-        unet=unet_graph, reference=reference_graph, vae=vae_graph, text_encoder=te_graph, text_encoder_2=te2_graph,
-        tokenizer=None, tokenizer_2=None, schedule=schedule, vae_scaling_factor=vae.scaling_factor,
-        vae_shift_factor=vae.shift_factor, latent_channels=vae.config["latent_channels"],
-        vae_scale_factor=2 ** (len(vae.config["block_out_channels"]) - 1), is_sdxl=is_sdxl,
-        compute_dtype=compute, unet_config=unet_config, lora=spec)
-    return with_attention_kernel(components, params, frozen, model.attention, mesh), params, frozen
-
-
-def abstract_batch(config: Config, components: Components, folder: Path, pairs: int, sharding) -> dict:
-    """The arrays ``host_batch`` gives the step for ``pairs`` pairs, as sharded ShapeDtypeStructs: pixels and
-    token ids, or the latent/text-embedding cache's arrays when ``data.cache_dir`` is set."""
-    res = config.data.resolution
-    text = read_config(component_folder(folder, "text_encoder"))
-    tokens = text.get("max_position_embeddings", 77)
-    shapes: dict[str, tuple[tuple[int, ...], object]] = {}
-    if config.data.cache_dir is not None:
-        side = res // components.vae_scale_factor
-        latent = ((pairs, 2, components.latent_channels, side, side), jnp.float32)
-        hidden = text["hidden_size"]
-        if components.is_sdxl:
-            text_2 = read_config(component_folder(folder, "text_encoder_2"))
-            hidden += text_2["hidden_size"]
-            shapes["pooled"] = ((pairs, text_2["projection_dim"]), jnp.float32)
-        shapes.update(latent_mean=latent, latent_logvar=latent, hidden=((pairs, tokens, hidden), jnp.float32))
-    else:
-        shapes["pixels"] = ((pairs, 2, res, res, 3), jnp.float32)
-        shapes["input_ids"] = ((pairs, tokens), jnp.int32)
-        if components.is_sdxl:
-            shapes["input_ids_2"] = ((pairs, tokens), jnp.int32)
-    if components.is_sdxl:
-        shapes["time_ids"] = ((pairs, 2, 6), jnp.float32)
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
 
 def device_bytes(tree) -> int:
@@ -203,6 +100,7 @@ def device_bytes(tree) -> int:
 class Plan:
     """Per-device bytes of one compiled optimizer step, and its FLOPs."""
 
+    objective: str
     mesh: dict[str, int]
     pairs_per_device: int
     remat: str
@@ -251,7 +149,7 @@ class Plan:
                 ("held, not step arguments", self.unused),
                 ("outputs not aliased to inputs", self.outputs - self.aliased),
                 ("temporaries (XLA)", self.temporaries), ("peak", self.peak)]
-        lines = [f"mesh {mesh} ({devices} devices), {self.pairs_per_device} pair(s) per device, "
+        lines = [f"{self.objective} step, mesh {mesh} ({devices} devices), {self.pairs_per_device} pair(s) per device, "
                  f"remat {self.remat}, attention {self.attention}; compiled in {self.compile_seconds:.0f} s"]
         lines.append("per device:")
         lines += [f"  {name:<30} {value / GIB:9.3f} GiB" for name, value in rows]
@@ -304,46 +202,33 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
 
 
 def abstract_step(config: Config, mesh, folder: Path):
-    """The jitted update, its shape-only arguments (state, accumulator, frozen, batch, micro-step) and the
-    config as planned (architecture folder, attention kernel)."""
-    from dpojax.train.optim import make_optimizer, opt_state_shardings
-    from dpojax.train.step import make_step_functions
+    """The objective's update program on shape-only models of ``folder`` (the trainer's own setup and program),
+    and the config as planned (architecture folder, attention kernel)."""
+    from dpojax.train.harness import Setup, objective_module
 
     kernel = PLAN_KERNEL.get(config.model.attention, config.model.attention)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=str(folder),
                                                                    attention=kernel))
-    components, params, frozen = abstract_components(config, folder, mesh)
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    tx, lr_schedule = make_optimizer(config.optim, config.learning_rate(batch_devices))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt_shardings = opt_state_shardings(tx, params, param_shardings, replicated)
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             jax.eval_shape(tx.init, params), opt_shardings)
-    scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
-    state = TrainState(scalar((), jnp.int32), params, opt_state, scalar((2,), jnp.uint32))
-    state_shardings = TrainState(replicated, param_shardings, opt_shardings, replicated)
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-    batch_sharding = parallel.batch_sharding(mesh)
-    step_fns = make_step_functions(components, config, tx, lr_schedule, mesh, state_shardings, frozen_shardings,
-                                   batch_sharding)
-    accum = None
-    if config.optim.grad_accum > 1:
-        accum = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), params)
-    batch = abstract_batch(config, components, folder, config.train.pairs_per_device * batch_devices,
-                           batch_sharding)
-    micro = scalar((), jnp.int32)  # the micro-step index within gradient accumulation
-    return step_fns.update, config, (state, accum, frozen, batch, micro)
+    setup = Setup.build(config, weights="none", mesh=mesh)
+    return setup, objective_module(config).update_program(setup), config
 
 
-def held_bytes(args) -> dict[str, int]:
+def micro_pairs_per_device(config: Config) -> int:
+    """Pairs per device of one compiled step: a DPO micro-batch, a D3PO optimizer step."""
+    return config.d3po.train_batch_size if config.objective == "d3po" else config.dpo.pairs_per_device
+
+
+def held_bytes(setup, program) -> dict[str, int]:
     """Per-device bytes of what the training process holds, by kind, from the shapes alone."""
-    state, accum, frozen, batch, micro = args
+    by_role = {role: arg for role, arg in zip(program.roles, program.args, strict=True)}
+    state = setup.abstract_state()
+    frozen = setup.abstract_frozen()
     encoders = {k: v for k, v in frozen.items() if k != "reference"}
+    scalars = [arg for role, arg in zip(program.roles, program.args, strict=True) if role == "scalar"]
     return dict(policy_params=device_bytes(state.params), optimizer_state=device_bytes(state.opt_state),
-                accumulator=device_bytes(accum), reference=device_bytes(frozen.get("reference")),
-                encoders=device_bytes(encoders), batch=device_bytes(batch),
-                step_and_key=device_bytes((state.step, state.key, micro)))
+                accumulator=device_bytes(by_role.get("accumulator")), reference=device_bytes(frozen.get("reference")),
+                encoders=device_bytes(encoders), batch=device_bytes(by_role.get("batch")),
+                step_and_key=device_bytes((state.step, state.key, scalars)))
 
 
 def plan_from_command_line(config_path: str, overrides, mesh: str | None, device_memory_gib: float,
@@ -354,8 +239,6 @@ def plan_from_command_line(config_path: str, overrides, mesh: str | None, device
     if device_memory_gib <= 0:
         raise ValueError(f"--device-memory must be > 0 GiB, got {device_memory_gib:g}")
     config = load_config(config_path, overrides)
-    if config.objective != "dpo":
-        raise ConfigError(f"config: objective={config.objective!r}: dpojax plan compiles the offline DPO step only")
     if mesh is None:
         sizes = dataclasses.asdict(config.mesh)
         if -1 in sizes.values():

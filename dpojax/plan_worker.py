@@ -95,20 +95,20 @@ def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int
     import jax
 
     from dpojax import parallel
-    from dpojax.plan import Plan, abstract_step, held_bytes, plan_xla_flags
+    from dpojax.plan import Plan, abstract_step, held_bytes, micro_pairs_per_device, plan_xla_flags
 
     count = math.prod(mesh_sizes.values())
     os.environ["XLA_FLAGS"] = plan_xla_flags(os.environ.get("XLA_FLAGS", ""))  # read when JAX starts XLA
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)
     mesh = parallel.make_mesh(**mesh_sizes, devices=jax.devices("cpu")[:count])
-    update, config, args = abstract_step(config, mesh, folder)
+    setup, program, config = abstract_step(config, mesh, folder)
     start = time.perf_counter()
-    lowered = update.lower(*args)
+    lowered = program.lower()
     flops = float(lowered.cost_analysis().get("flops", 0.0))  # the whole step, before partitioning
     memory = compile_until_buffer_assignment(lowered, workdir / "xla")
-    return Plan(mesh=dict(mesh.shape), pairs_per_device=config.train.pairs_per_device, remat=config.model.remat,
-                attention=config.model.attention, **held_bytes(args), **memory,
+    return Plan(objective=config.objective, mesh=dict(mesh.shape), pairs_per_device=micro_pairs_per_device(config),
+                remat=config.model.remat, attention=config.model.attention, **held_bytes(setup, program), **memory,
                 flops_per_device=flops / count, device_memory=device_memory,
                 compile_seconds=time.perf_counter() - start)
 

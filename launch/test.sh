@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite on CPU with 8 fake devices (tests/conftest.py sets them up); extra args go to pytest.
+# The labeling page's test drives Debian's headless Chromium: installed here when it can be (root with apt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+  else
+    echo "launch/test.sh: the browser test needs Chromium and its driver: sudo apt-get install chromium chromium-driver" >&2
+  fi
+fi
 source launch/venv.sh
 python -m pytest -q --durations=25 "$@"

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import rel_err
 
 from dpojax import parallel
 from dpojax.config import ConfigError, load_config
@@ -31,10 +32,6 @@ def qkv(batch, q_len, kv_len, heads, head_dim, seed=0):
     rng = np.random.default_rng(seed)
     return tuple(rng.standard_normal((batch, n, heads, head_dim), dtype=np.float32) * 2
                  for n in (q_len, kv_len, kv_len))
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("q_len, kv_len", [(64, 64), (64, 77)])  # UNet self- and cross-attention shapes

@@ -9,19 +9,18 @@ import sys
 import pytest
 
 from dpojax.cli import main
-from dpojax.tiny import write_tiny_pipeline
 
 pytestmark = pytest.mark.slow
 NUMBER = r"[0-9.]+"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_pipeline(tmp_path_factory.mktemp("bench") / "tiny-sdxl", arch="sdxl")
+def tiny(tiny_sdxl):
+    return tiny_sdxl
 
 
 def bench_args(tiny, *extra):
-    return ["bench", "configs/tiny_sdxl_dpo.yaml", f"model.pretrained={tiny}", "train.pairs_per_device=1",
+    return ["bench", "configs/tiny_sdxl_dpo.yaml", f"model.pretrained={tiny}", "dpo.pairs_per_device=1",
             "mesh.fsdp=1", "--iters", "1", "--rounds", "1", "--warmup", "0", *extra]
 
 

@@ -22,11 +22,11 @@ loss:
 optim:
   lr: 1e-8            # PyYAML reads this as a string; the float field converts it
   lr_scaling: pairs
-  grad_accum: 128
   betas: [0.9, 0.99]
   max_grad_norm: null
-train:
+dpo:
   steps: 10
+  grad_accum: 128
 mesh:
   data: -1
   fsdp: 2
@@ -51,7 +51,7 @@ def test_defaults_are_the_official_sd15_launcher():
 
 
 def test_yaml_and_overrides_give_typed_values(yaml_path):
-    config = load_config(yaml_path, ["optim.lr=2.048e-5", "optim.lr_scaling=none", "train.steps=20",
+    config = load_config(yaml_path, ["optim.lr=2.048e-5", "optim.lr_scaling=none", "dpo.steps=20",
                                      "data.random_crop=true", "model.pretrained=2024", "model.vae=null",
                                      "optim.betas=[0.8, 0.95]", "optim.max_grad_norm=0.5",
                                      "model.lora_targets=[to_k]", "train.seed=7"])
@@ -62,7 +62,7 @@ def test_yaml_and_overrides_give_typed_values(yaml_path):
     assert config.loss.type == "robust" and config.loss.label_smoothing == 0.1
     assert config.optim.lr == 2.048e-5 and isinstance(config.optim.lr, float)
     assert config.optim.betas == (0.8, 0.95) and config.optim.max_grad_norm == 0.5
-    assert config.train.steps == 20 and config.train.seed == 7
+    assert config.dpo.steps == 20 and config.train.seed == 7
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (-1, 2, 1)
 
 
@@ -79,8 +79,8 @@ def test_yaml_values_without_overrides(yaml_path):
     (["lr=1e-5"], "config: unknown key 'lr' (did you mean 'optim.lr'?)"),
     (["optimm.lr=1e-5"], "config: unknown key 'optimm' (did you mean 'optim'?)"),
     (["optim.lr=abc"], "config: optim.lr must be a float, got 'abc'"),
-    (["train.steps=1.5"], "config: train.steps must be an int, got 1.5"),
-    (["train.steps=true"], "config: train.steps must be an int, got True"),
+    (["dpo.steps=1.5"], "config: dpo.steps must be an int, got 1.5"),
+    (["dpo.steps=true"], "config: dpo.steps must be an int, got True"),
     (["data.random_crop=maybe"], "config: data.random_crop must be a bool (true/false), got 'maybe'"),
     (["data.flip=sideways"], "config: data.flip must be one of 'per_image', 'joint', 'none', got 'sideways'"),
     (["optim.betas=[0.9]"], "config: optim.betas must be a list of 2 items, got [0.9]"),
@@ -128,7 +128,7 @@ def test_file_errors_are_one_line(tmp_path):
 
 
 def test_json_round_trip(yaml_path):
-    config = load_config(yaml_path, ["d3po.guidance_scale=7.5"])
+    config = load_config(yaml_path, ["loss.beta=2500"])
     text = json.dumps(config.to_dict())
     assert Config.from_dict(json.loads(text)) == config
     assert json.loads(text)["optim"]["betas"] == [0.9, 0.99]
@@ -137,8 +137,56 @@ def test_json_round_trip(yaml_path):
 def test_parsing_is_deterministic_and_writes_nothing(tmp_path, yaml_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = sorted(os.walk(tmp_path))
-    overrides = ["optim.lr=3e-5", "train.steps=5"]
+    overrides = ["optim.lr=3e-5", "dpo.steps=5"]
     first = load_config(yaml_path, overrides)
     assert load_config(yaml_path, overrides) == first
     assert sorted(os.walk(tmp_path)) == before
-    assert overrides == ["optim.lr=3e-5", "train.steps=5"]  # inputs untouched
+    assert overrides == ["optim.lr=3e-5", "dpo.steps=5"]  # inputs untouched
+
+
+@pytest.mark.parametrize("objective, overrides, message", [
+    ("d3po", ["data.resolution=32"], "config: data.resolution is not read by objective 'd3po' "
+                                     "(did you mean 'd3po.resolution'?)"),
+    ("d3po", ["loss.beta=1"], "config: loss.beta is not read by objective 'd3po' (did you mean 'd3po.beta'?)"),
+    ("dpo", ["d3po.num_steps=4"], "config: d3po.num_steps is not read by objective 'dpo'"),
+    ("dpo", ["d3po.log_every=4"], "config: d3po.log_every is not read by objective 'dpo' "
+                                  "(did you mean 'dpo.log_every'?)"),
+])
+def test_a_key_the_objective_does_not_read_is_a_one_line_error(objective, overrides, message):
+    base = ["objective=d3po", "d3po.prompts=[a cat]"] if objective == "d3po" else []
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*base, *overrides])
+    assert str(info.value) == message
+
+
+def test_each_objective_has_its_papers_optimizer_defaults_and_meanings():
+    dpo = load_config()
+    d3po = load_config(None, ["objective=d3po", "d3po.prompts=[a cat]", "optim.weight_decay=0.5"])
+    assert (dpo.optim.lr, dpo.optim.warmup_steps, dpo.optim.weight_decay) == (2.048e-5, 500, 1e-2)
+    assert (d3po.optim.lr, d3po.optim.warmup_steps, d3po.optim.weight_decay) == (3e-5, 0, 0.5)
+    assert d3po.resolution == d3po.d3po.resolution and dpo.resolution == dpo.data.resolution
+    # optim.lr_scaling=pairs multiplies by what each objective trains per optimizer step
+    scaled = load_config(None, ["objective=d3po", "d3po.prompts=[a]", "optim.lr_scaling=pairs",
+                                "d3po.train_batch_size=2", "d3po.sample_batch_size=2"])
+    assert scaled.learning_rate(batch_devices=4) == pytest.approx(3e-5 * 2 * 4)
+    assert Config.from_dict(d3po.to_dict()) == d3po and set(d3po.to_dict()) == {
+        "objective", "model", "mesh", "logging", "train", "optim", "d3po"}
+
+
+def test_every_key_is_documented_once_by_the_config_command(capsys):
+    from dpojax.cli import main
+
+    assert main(["config", "--list"]) == 0
+    listing = capsys.readouterr().out
+    documented = [line.split(" = ")[0].strip() for line in listing.splitlines()
+                  if line.startswith("  ") and not line.startswith("   ")]  # keys; their meanings are indented more
+    sections = {"model", "mesh", "logging", "train", "optim", "dpo", "data", "loss", "d3po"}
+    keys = [k for k in _all_keys() if k not in sections]
+    assert sorted(documented) == sorted(keys) and len(documented) == len(set(documented))
+    assert "optim.lr = 2.048e-05 (d3po: 3.0e-05)" in listing
+
+
+def _all_keys():
+    from dpojax.config import _all_keys as keys
+
+    return keys()

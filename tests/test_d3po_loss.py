@@ -1,14 +1,13 @@
 """The D3PO training step's gradient against an independent PyTorch computation of the reference formula.
 
 PyTorch side: diffusers' ``UNet2DConditionModel`` (policy with grad, a slightly different reference without),
-classifier-free guidance as one batch of 2B, ``DDIMScheduler.alphas_cumprod`` and the DDIM step log-prob written
-out as in D3PO's ``ddim_with_logprob`` (``reference/d3po.md`` §1a), ``torch.clamp`` of the ratio, the loss of §3
-per timestep and ``(L_j / K).backward()`` accumulated over the K timesteps (§4).
+classifier-free guidance as one batch of 2B, ``DDIMScheduler.alphas_cumprod`` and the DDIM step log-prob of
+DDPO's ``ddim_step_with_logprob`` (``dpojax.bench_torch.ddim_log_prob``, in float64), ``torch.clamp`` of the
+ratio, D3PO's loss per timestep and ``(L_j / K).backward()`` accumulated over the K timesteps (docs/d3po.md).
 JAX side: ``dpojax.train.d3po_step.d3po_gradients`` (one ``lax.scan`` over the timesteps, unrolled or rolled).
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +17,10 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
-from parity_helpers import grads_as_torch, load_from_torch, perturb_, rel_err, unet_only_components
+from helpers import grads_as_torch, load_from_torch, perturb_, rel_err, unet_only_components
 
+from dpojax.bench_torch import ddim_log_prob
+from dpojax.components import split_params
 from dpojax.config import D3POConfig
 from dpojax.losses import LN2
 from dpojax.models import UNet2DConditionModel
@@ -27,7 +28,6 @@ from dpojax.pipeline import TextConditioning
 from dpojax.schedule import NoiseSchedule, ddim_prev_timesteps, ddim_timesteps
 from dpojax.tiny import SCHEDULER, TEXT_HIDDEN, UNET_SDXL
 from dpojax.train.d3po_step import d3po_gradients
-from dpojax.train.state import split_params
 
 PAIRS, STEPS, LATENT = 3, 4, 8
 D3PO = D3POConfig(num_steps=STEPS, eta=1.0, guidance_scale=5.0, beta=0.1, eps=0.1)
@@ -86,16 +86,8 @@ def torch_d3po_grads(policy, reference, x):
         e_u, e_c = out.chunk(2)
         return e_u + 5.0 * (e_c - e_u)
 
-    def log_prob(eps, sample, nxt, t):  # D3PO's ddim_step_with_logprob, eta 1, per-dimension mean
-        prev_t = t - 1000 // STEPS
-        a_t = alphas[t].view(-1, 1, 1, 1)
-        a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final).view(-1, 1, 1, 1)
-        x0 = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        mean = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * eps
-        std = var.sqrt()
-        lp = -((nxt.detach() - mean) ** 2) / (2 * var) - std.log() - math.log(math.sqrt(2 * math.pi))
-        return lp.mean(dim=(1, 2, 3))
+    def log_prob(eps, sample, nxt, t):  # eta 1, per-dimension mean
+        return ddim_log_prob(alphas, final, eps, t, t - 1000 // STEPS, sample, nxt, 1.0)
 
     policy.zero_grad()
     total, inside = 0.0, []
@@ -143,7 +135,9 @@ def test_gradient_matches_pytorch_reference_formula(models, inputs, unroll):
     grads, metrics = jax_d3po(policy_split, reference_split, inputs, dataclasses.replace(D3PO, unroll=unroll))
     assert 0.1 < torch_inside < 0.95, f"the check needs ratios both inside and outside the band: {torch_inside}"
     assert float(metrics["inside_fraction"]) == pytest.approx(torch_inside)
-    assert float(metrics["loss"]) == pytest.approx(torch_loss, abs=1e-6)
+    # The fp32 UNet outputs enter each log-prob divided by σ², small at the last steps, so the fp32 log-ratios
+    # differ from float64 ones by ~1e-4 and the loss (β = 0.1 times them) by a few 1e-6 (measured 2.2e-6).
+    assert float(metrics["loss"]) == pytest.approx(torch_loss, abs=1e-5)
     graph, _ = policy_split
     jax_grads = grads_as_torch(nnx.state(nnx.merge(graph, grads)))
     names = sorted(torch_grads)

@@ -10,14 +10,15 @@ sampling noise; their mean must exceed their standard error several times over. 
 import json
 
 import pytest
-from test_d3po_rounds import CONFIG, dpojax, paired_change, workdir  # noqa: F401  (shared pipeline, runner)
+from helpers import paired_change, run_dpojax
+from test_d3po_rounds import CONFIG, workdir  # noqa: F401  (the shared pipeline folder)
 
 pytestmark = pytest.mark.slow
 
 
 def test_brightness_rises_and_the_run_exports(workdir):  # noqa: F811
     run = workdir / "online"
-    done = dpojax(workdir, "train", CONFIG, f"model.pretrained={workdir / 'tiny-sdxl'}", f"train.output_dir={run}",
+    done = run_dpojax(workdir, "train", CONFIG, f"model.pretrained={workdir / 'tiny-sdxl'}", f"train.output_dir={run}",
                   "logging.tensorboard=false")
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

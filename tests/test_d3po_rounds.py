@@ -10,18 +10,15 @@
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import paired_change, run_dpojax
 
 from dpojax.feedback.labels import read_labels
 from dpojax.feedback.rounds import read_round
 from dpojax.feedback.scorers import brightness
-from dpojax.tiny import write_tiny_pipeline
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny_d3po_brightness.yaml"
 
@@ -33,19 +30,10 @@ def failing_scorer(images, prompts):  # imported by the scorer spec "test_d3po_r
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_sdxl):
     root = tmp_path_factory.mktemp("d3po_rounds")
-    write_tiny_pipeline(root / "tiny-sdxl", arch="sdxl", seed=0)
+    (root / "tiny-sdxl").symlink_to(tiny_sdxl)
     return root
-
-
-def dpojax(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "dpojax.cli", *map(str, args)], env=env, cwd=workdir,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def common(workdir: Path, **extra) -> list[str]:
@@ -69,12 +57,6 @@ def simulated_labels(round_dir: Path, annotator: str) -> Path:
     return path
 
 
-def paired_change(after, before) -> tuple[float, float]:
-    """Mean of the per-image differences ``after - before`` (same prompts and noise) and its standard error."""
-    change = np.ravel(np.asarray(after) - np.asarray(before))
-    return float(change.mean()), float(change.std(ddof=1) / len(change) ** 0.5)
-
-
 def round_brightness(round_dir: Path) -> np.ndarray:
     """(prompts, k) brightness of a round's images."""
     images = read_round(round_dir, arrays=False).images
@@ -82,25 +64,25 @@ def round_brightness(round_dir: Path) -> np.ndarray:
 
 
 def test_round_errors_name_the_culprit_and_keep_files(workdir):
-    missing = dpojax(workdir, "d3po", "train", workdir / "no-such-round")
+    missing = run_dpojax(workdir, "d3po", "train", workdir / "no-such-round")
     assert missing.returncode == 2 and "no-such-round" in missing.stderr and "does not exist" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
     r1 = workdir / "bad_round"
-    done = dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1)
+    done = run_dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1)
     assert done.returncode == 0, done.stderr
     (r1 / "labels" / "alice.json").write_text(json.dumps([[1, -1, 0, 0]] * 5))  # 5 prompts, the round has 6
     before = digest(r1)
-    wrong_prompts = dpojax(workdir, "d3po", "train", r1)
+    wrong_prompts = run_dpojax(workdir, "d3po", "train", r1)
     assert wrong_prompts.returncode == 2 and "alice.json" in wrong_prompts.stderr
     assert "6 prompts" in wrong_prompts.stderr and len(wrong_prompts.stderr.strip().splitlines()) == 1
     (r1 / "labels" / "alice.json").write_text(json.dumps([[1, -1, 0]] * 6))  # 3 scores, the round has 4 images
     before = digest(r1)
-    wrong_images = dpojax(workdir, "d3po", "train", r1)
+    wrong_images = run_dpojax(workdir, "d3po", "train", r1)
     assert wrong_images.returncode == 2 and "alice.json" in wrong_images.stderr and "4 images" in wrong_images.stderr
     assert digest(r1) == before and not (r1 / "train").exists()
 
-    again = dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1)
+    again = run_dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1)
     assert again.returncode == 2 and "already exists" in again.stderr and digest(r1) == before
 
 
@@ -108,10 +90,11 @@ def test_scorer_that_raises_is_one_line_and_keeps_checkpoints(workdir):
     run = workdir / "scorer_run"
     args = common(workdir, **{"train.output_dir": run, "d3po.num_epochs": 1, "d3po.eval_every": 0,
                               "train.export": "none"})
-    ok = dpojax(workdir, "train", CONFIG, *args)
+    ok = run_dpojax(workdir, "train", CONFIG, *args)
     assert ok.returncode == 0, ok.stderr
     before = digest(run / "checkpoints")
-    failed = dpojax(workdir, "train", CONFIG, *args, "d3po.num_epochs=2", "d3po.reward=test_d3po_rounds:failing_scorer")
+    failed = run_dpojax(workdir, "train", CONFIG, *args, "d3po.num_epochs=2",
+                        "d3po.reward=test_d3po_rounds:failing_scorer")
     assert failed.returncode == 2, failed.stderr
     assert "failing_scorer" in failed.stderr and "the scoring service is down" in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
@@ -123,16 +106,16 @@ def test_simulated_annotators_make_the_next_round_brighter(workdir):
     per-image differences are the training's effect; their mean must exceed their standard error 3 times over."""
     r1, r2 = workdir / "round1", workdir / "round2"
     size = {"d3po.round_prompts": 24}
-    assert dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir, **size), "--out", r1).returncode == 0
+    assert run_dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir, **size), "--out", r1).returncode == 0
     simulated_labels(r1, "alice")
     simulated_labels(r1, "bob")
     labels = read_labels(r1)
     assert labels.labeled.all() and labels.annotators == ["alice", "bob"]
-    trained = dpojax(workdir, "d3po", "train", r1, "d3po.num_epochs=2", "logging.tensorboard=false")
+    trained = run_dpojax(workdir, "d3po", "train", r1, "d3po.num_epochs=2", "logging.tensorboard=false")
     assert trained.returncode == 0, trained.stderr
     final = r1 / "train" / "final"
     assert (final / "model_index.json").is_file()
-    nxt = dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir, **size, **{"model.pretrained": final}),
+    nxt = run_dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir, **size, **{"model.pretrained": final}),
                  "--out", r2)
     assert nxt.returncode == 0, nxt.stderr
     assert read_round(r2, arrays=False).prompts == read_round(r1, arrays=False).prompts

@@ -2,7 +2,7 @@
 
 The log-probs recorded while sampling must be reproduced by re-scoring the stored transitions (what the
 training step does) and must equal the Gaussian log-density computed independently in NumPy/SciPy from the
-guided noise prediction and diffusers' ``DDIMScheduler`` coefficients (``reference/d3po.md`` §1a).
+guided noise prediction and diffusers' ``DDIMScheduler`` coefficients (docs/d3po.md).
 """
 
 import jax
@@ -17,26 +17,24 @@ from dpojax import parallel
 from dpojax.config import load_config
 from dpojax.pipeline import guided_predictor
 from dpojax.schedule import ddim_prev_timesteps, ddim_timesteps
-from dpojax.tiny import SCHEDULER, write_tiny_pipeline
+from dpojax.tiny import SCHEDULER
 from dpojax.train.d3po_step import guidance_conditioning, make_sampler, text_inputs, transition_log_probs
-from dpojax.train.state import load_components, shardings_of
-from dpojax.train.step import device_batch
+from dpojax.train.harness import Setup
 
 STEPS = 4
 PROMPTS = ["a cat", "a dog", "a red barn", "a lighthouse", "a bowl of fruit", "a forest", "a boat", "a tree"]
 
 
 @pytest.fixture(scope="module")
-def sampled(tmp_path_factory):
-    folder = write_tiny_pipeline(tmp_path_factory.mktemp("d3po_sampler") / "tiny", arch="sdxl", seed=0)
-    config = load_config(None, ["objective=d3po", f"model.pretrained={folder}", "model.dtype=float32",
-                                "model.reference_dtype=float32", "data.resolution=32", f"d3po.num_steps={STEPS}",
+def sampled(tiny_sdxl):
+    config = load_config(None, ["objective=d3po", f"model.pretrained={tiny_sdxl}", "model.dtype=float32",
+                                "model.reference_dtype=float32", "d3po.resolution=32", f"d3po.num_steps={STEPS}",
                                 "d3po.prompts=[a cat]"])
-    mesh = parallel.make_mesh(1, -1, 1)
-    components, params, frozen = load_components(config, mesh)
-    sampler = make_sampler(components, config, mesh, shardings_of(params), shardings_of(frozen), group_size=2)
-    text = text_inputs(components, PROMPTS, 32, 32)
-    out = sampler(params, frozen, device_batch(text, parallel.batch_sharding(mesh)), jax.random.key(0))
+    setup = Setup.build(config)
+    components, params, frozen = setup.components, setup.params, setup.frozen
+    sampler = make_sampler(setup, group_size=2)
+    text = text_inputs(components, PROMPTS, 32)
+    out = sampler(params, frozen, parallel.global_batch(text, setup.mesh), jax.random.key(0))
     return config, components, params, frozen, text, jax.device_get(out)
 
 

@@ -8,13 +8,12 @@ import pytest
 from flax.serialization import msgpack_restore
 
 from dpojax import cli, parallel
-from dpojax.config import ConfigError, load_config
+from dpojax.components import load_components
+from dpojax.config import ConfigError, DataConfig, load_config
 from dpojax.data.cache import make_cached_loader
 from dpojax.data.pickapic import prepare_pickapic
-from dpojax.data.pipeline import PairLoaderConfig, make_pair_loader, open_pairs
+from dpojax.data.pipeline import make_pair_loader, open_pairs
 from dpojax.data.synth import write_synthetic_pickapic
-from dpojax.tiny import write_tiny_pipeline
-from dpojax.train.state import load_components
 from dpojax.train.step import host_batch, micro_batch_inputs
 
 CONFIG = "configs/tiny_sdxl_dpo.yaml"
@@ -22,9 +21,9 @@ PAIRS = 4
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_sdxl):
     root = tmp_path_factory.mktemp("cache")
-    write_tiny_pipeline(root / "tiny-sdxl", arch="sdxl", seed=0)
+    (root / "tiny-sdxl").symlink_to(tiny_sdxl)
     write_synthetic_pickapic(root / "synth", 24, seed=0, image_size=40, eval_rows=8)
     prepare_pickapic(root / "synth", root / "pairs", splits=("train",))
     return root
@@ -32,7 +31,7 @@ def workdir(tmp_path_factory):
 
 def settings(workdir, **extra) -> list[str]:
     values = {"model.pretrained": workdir / "tiny-sdxl", "data.data_dir": workdir / "pairs", "data.flip": "none",
-              "data.random_crop": False, "train.pairs_per_device": 1, "mesh.fsdp": -1, **extra}
+              "data.random_crop": False, "dpo.pairs_per_device": 1, "mesh.fsdp": -1, **extra}
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -59,9 +58,9 @@ def test_cached_step_inputs_equal_uncached(workdir, cache):
                                                        "data.shuffle": False}))
     mesh = parallel.make_mesh(1, -1, 1)
     components, _, frozen = load_components(config, mesh)
-    raw = next(iter(make_pair_loader(PairLoaderConfig(
-        data_dir=str(workdir / "pairs"), batch_size=PAIRS, resolution=config.data.resolution, shuffle=False,
-        flip="none", caption_dropout=0.0))))
+    raw = next(iter(make_pair_loader(DataConfig(
+        data_dir=str(workdir / "pairs"), resolution=config.data.resolution, shuffle=False, flip="none",
+        caption_dropout=0.0), batch_size=PAIRS, seed=0)))
     cached = next(iter(make_cached_loader(config, PAIRS)))
     key = jax.random.key(3)
     from_pixels = micro_batch_inputs(components, frozen, host_batch(components, raw), key, 2)
@@ -83,9 +82,9 @@ def test_caption_dropout_swaps_in_the_empty_prompt(workdir, cache):
 
 def test_train_from_cache_and_mismatched_settings(workdir, cache, capsys):
     run = workdir / "run"
-    args = ["train", CONFIG, *settings(workdir, **{"data.cache_dir": cache, "train.steps": 2,
+    args = ["train", CONFIG, *settings(workdir, **{"data.cache_dir": cache, "dpo.steps": 2,
                                                    "train.output_dir": run, "train.sample_every": 0,
-                                                   "train.export": "none", "train.pairs_per_device": 2,
+                                                   "train.export": "none", "dpo.pairs_per_device": 2,
                                                    "logging.tensorboard": False})]
     assert cli.main(args) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

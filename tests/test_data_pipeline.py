@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dpojax.config import ConfigError, DataConfig, load_config
 from dpojax.data.pickapic import prepare_pickapic
-from dpojax.data.pipeline import PairLoaderConfig, make_pair_loader, open_pairs
+from dpojax.data.pipeline import make_pair_loader, open_pairs
 from dpojax.data.synth import preference_score, write_synthetic_pickapic
 from dpojax.data.transforms import resize_shorter_side
 
@@ -26,13 +27,21 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
-def _config(data_dir, **overrides) -> PairLoaderConfig:
+LOADER_ARGS = ("batch_size", "seed", "num_epochs")  # the rest are the config's data keys
+
+
+def _config(data_dir, **overrides) -> dict:
     settings = {"data_dir": data_dir, "batch_size": 4, "resolution": 16, "seed": 7, "caption_dropout": 0.0}
-    return PairLoaderConfig(**{**settings, **overrides})
+    return {**settings, **overrides}
+
+
+def _loader(settings: dict, **loader_kwargs):
+    data = DataConfig(**{k: v for k, v in settings.items() if k not in LOADER_ARGS})
+    return make_pair_loader(data, **{k: v for k, v in settings.items() if k in LOADER_ARGS}, **loader_kwargs)
 
 
 def _batches(config, count=None, **loader_kwargs) -> list[dict]:
-    return list(itertools.islice(make_pair_loader(config, **loader_kwargs), count))
+    return list(itertools.islice(_loader(config, **loader_kwargs), count))
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -81,12 +90,12 @@ def test_two_processes_read_disjoint_parts_that_cover_the_split(data_dir):
 
 def test_restoring_the_iterator_state_replays_the_same_batches(data_dir):
     config = _config(data_dir, random_crop=True, caption_dropout=0.5, time_ids="original")
-    iterator = iter(make_pair_loader(config))
+    iterator = iter(_loader(config))
     for _ in range(3):
         next(iterator)
     state = iterator.get_state()
     expected = [next(iterator) for _ in range(10)]  # crosses an epoch boundary (8 batches per epoch)
-    resumed = iter(make_pair_loader(config))
+    resumed = iter(_loader(config))
     resumed.set_state(state)
     for want, got in zip(expected, [next(resumed) for _ in range(10)], strict=True):
         for key in ("pixels", "time_ids", "captions"):
@@ -140,25 +149,25 @@ def test_flips_are_drawn_per_image_or_once_per_pair(data_dir, mode):
 def test_worker_processes_give_the_same_batches_and_resume(data_dir):
     config = _config(data_dir, random_crop=True, caption_dropout=0.5)
     in_process = _batches(config, 4)
-    iterator = iter(make_pair_loader(PairLoaderConfig(**{**config.__dict__, "worker_count": 1})))
+    iterator = iter(_loader({**config, "worker_count": 1}))
     with_worker = [next(iterator) for _ in range(3)]
     state = iterator.get_state()
     with_worker.append(next(iterator))
     del iterator  # stop the worker before the next one starts
     for want, got in zip(in_process, with_worker, strict=True):
         np.testing.assert_array_equal(got["pixels"], want["pixels"])
-    resumed = iter(make_pair_loader(PairLoaderConfig(**{**config.__dict__, "worker_count": 1})))
+    resumed = iter(_loader({**config, "worker_count": 1}))
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["pixels"], in_process[3]["pixels"])
     del resumed
 
 
 def test_bad_settings_are_one_line_errors(tmp_path, data_dir):
-    with pytest.raises(ValueError, match=r"data.flip='sideways' is not one of per_image, joint, none"):
-        PairLoaderConfig(data_dir="x", flip="sideways")
-    with pytest.raises(ValueError, match=r"data.time_ids='real'"):
-        PairLoaderConfig(data_dir="x", time_ids="real")
+    with pytest.raises(ConfigError, match=r"data.flip must be one of 'per_image', 'joint', 'none', got 'sideways'"):
+        load_config(None, ["data.flip=sideways"])
+    with pytest.raises(ConfigError, match=r"data.time_ids must be one of .*, got 'real'"):
+        load_config(None, ["data.time_ids=real"])
     with pytest.raises(FileNotFoundError, match=r"no prepared dataset pickapic_v2/default in"):
-        make_pair_loader(PairLoaderConfig(data_dir=str(tmp_path)))
+        _loader(_config(str(tmp_path)))
     with pytest.raises(ValueError, match=r"has 32 pairs: too few for 1 process\(es\) x batch_size 64"):
-        make_pair_loader(_config(data_dir, batch_size=64))
+        _loader(_config(data_dir, batch_size=64))

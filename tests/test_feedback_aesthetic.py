@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from parity_helpers import perturb_, rel_err
+from helpers import perturb_, rel_err
 from safetensors.numpy import load_file, save_file
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 

@@ -10,13 +10,13 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 from dpojax.feedback.labels import read_labels
 from dpojax.feedback.rounds import Round, write_round
@@ -66,12 +66,6 @@ class LabelServer:
         self.proc.send_signal(sig)
         self.proc.wait(timeout=30)
         self.proc.stdout.close()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _until(driver, condition, what, timeout=20):
@@ -135,7 +129,7 @@ def test_label_a_round_in_a_browser_and_survive_sigkill(browser, tmp_path):
 
     images = np.random.RandomState(0).randint(0, 256, (len(PROMPTS), K, 24, 24, 3)).astype(np.uint8)
     round_dir = write_round(tmp_path / "round", Round(PROMPTS, images, {"x": np.zeros((len(PROMPTS), 1))}))
-    port = _free_port()
+    port = free_port()
     server = LabelServer(round_dir, port)
 
     # the page asks who labels; the images it shows are the round's files for this prompt

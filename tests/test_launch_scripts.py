@@ -43,10 +43,10 @@ def test_scripts_are_valid_bash_and_pass_shellcheck(script):
 
 
 def test_tpu_pod_runs_one_command_per_worker_that_starts_jax_distributed():
-    [command] = dry_run("launch/tpu_pod.sh", CONFIG, "train.steps=10")
+    [command] = dry_run("launch/tpu_pod.sh", CONFIG, "dpo.steps=10")
     assert command[:3] == ["python3", "-m", "dpojax.cli"]
     args = train_args(command)
-    assert args[-2:] == ["--distributed", "on"] and "train.steps=10" in args
+    assert args[-2:] == ["--distributed", "on"] and "dpo.steps=10" in args
     [ssh] = dry_run("launch/tpu_pod.sh", CONFIG, "train.output_dir=/mnt/runs/a b", TPU_NAME="pod", ZONE="zone-a")
     assert ssh[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone", "zone-a"]
     assert "--worker=all" in ssh
@@ -67,10 +67,10 @@ def test_gpu_node_runs_one_process_or_one_per_gpu_group():
 
 
 def test_slurm_starts_one_task_per_node_through_srun():
-    [command] = dry_run("launch/slurm.sbatch", CONFIG, "train.steps=5")
+    [command] = dry_run("launch/slurm.sbatch", CONFIG, "dpo.steps=5")
     assert command[0] == "srun" and "--ntasks-per-node=1" in command
     parsed = cli.build_parser().parse_args(train_args(command))
-    assert parsed.distributed == "auto" and parsed.overrides == ["train.steps=5"]  # SLURM_* tell JAX the rest
+    assert parsed.distributed == "auto" and parsed.overrides == ["dpo.steps=5"]  # SLURM_* tell JAX the rest
     sbatch = (ROOT / "launch/slurm.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=1" in sbatch
 

@@ -13,16 +13,16 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
-from parity_helpers import rel_err
+from helpers import rel_err
 from safetensors import safe_open
 
 from dpojax import cli
+from dpojax.components import abstract_lora_policy, lora_spec, split_params
 from dpojax.config import ConfigError, ModelConfig, load_config
 from dpojax.models import UNet2DConditionModel
 from dpojax.models.lora import LoRALinear, LoRASpec, init_adapters, split_adapters, with_adapters
-from dpojax.tiny import TEXT_HIDDEN, UNET_SDXL, write_tiny_pipeline
+from dpojax.tiny import TEXT_HIDDEN, UNET_SDXL
 from dpojax.train.export import write_policy
-from dpojax.train.state import abstract_lora_policy, lora_spec, split_params
 from dpojax.weights.lora import LORA_WEIGHTS_NAME, save_lora
 
 CONFIG = "configs/tiny_sdxl_dpo.yaml"
@@ -30,8 +30,8 @@ LORA_MODEL = dict(lora_rank=4, lora_alpha=8.0, param_dtype="float32", reference_
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_pipeline(tmp_path_factory.mktemp("lora") / "tiny-sdxl", arch="sdxl", seed=0)
+def tiny(tiny_sdxl):
+    return tiny_sdxl
 
 
 def unet_inputs(seed: int = 0, batch: int = 2) -> dict:
@@ -168,8 +168,8 @@ def test_lora_dpo_run_trains_only_adapters_and_exports(tiny, tmp_path, capsys):
     prepare_pickapic(tmp_path / "synth", tmp_path / "pairs")
     run = tmp_path / "run"
     overrides = {"model.pretrained": tiny, "data.data_dir": tmp_path / "pairs", "train.output_dir": run,
-                 "train.steps": 3, "train.pairs_per_device": 1, "train.checkpoint_every": 0,
-                 "train.log_every": 1, "train.export": "pipeline", "logging.tensorboard": False,
+                 "dpo.steps": 3, "dpo.pairs_per_device": 1, "train.checkpoint_every": 0,
+                 "dpo.log_every": 1, "train.export": "pipeline", "logging.tensorboard": False,
                  "optim.warmup_steps": 0, "model.lora_rank": 4}
     assert cli.main(["train", CONFIG, *(f"{k}={v}" for k, v in overrides.items())]) == 0, capsys.readouterr()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,5 +1,5 @@
 """The losses against independent float64 computations: NumPy loops for values, torch autograd or the analytic
-formulas of the specs (reference/diffusion_dpo.md §1, §9; reference/d3po.md §2, §3) for gradients."""
+formulas (docs/losses.md) for gradients."""
 
 import math
 

@@ -9,25 +9,21 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from helpers import rel_err
 from PIL import Image
 
 from dpojax import schedule as S
 from dpojax.pipeline import Pipeline, ddim_loop, guided_predictor, save_images
-from dpojax.tiny import SCHEDULER, write_tiny_pipeline
+from dpojax.tiny import SCHEDULER
 
 PROMPTS = ["a red cube on a table", "an astronaut riding a horse, watercolor"]
 SIZE = 32  # pixels; latents are 16x16 with the tiny VAE
 STEPS = 3
 
 
-def _rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
-
-
 @pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    return write_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sdxl", arch="sdxl", seed=0)
+def sdxl_folder(tiny_sdxl):
+    return tiny_sdxl
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +54,7 @@ def test_sdxl_prompt_encoding_matches_diffusers(sdxl, torch_sdxl, force_zeros):
     assert cond.hidden_states.shape == embeds.shape and cond.text_embeds.shape == pooled.shape
     for got, expected in ((cond.hidden_states, embeds), (cond.text_embeds, pooled),
                           (uncond.hidden_states, neg_embeds), (uncond.text_embeds, neg_pooled)):
-        assert _rel_l2(got, expected) <= 1e-4
+        assert rel_err(got, expected) <= 1e-4
     if force_zeros:
         assert not np.any(neg_embeds) and not np.any(np.asarray(uncond.hidden_states))
     time_ids = torch_sdxl._get_add_time_ids((SIZE, 2 * SIZE), (0, 0), (SIZE, 2 * SIZE), dtype=torch.float32,
@@ -67,8 +63,8 @@ def test_sdxl_prompt_encoding_matches_diffusers(sdxl, torch_sdxl, force_zeros):
     np.testing.assert_array_equal(uncond.time_ids, cond.time_ids)
 
 
-def test_sd15_prompt_encoding_matches_diffusers(tmp_path):
-    folder = write_tiny_pipeline(tmp_path / "sd15", arch="sd15", seed=1)
+def test_sd15_prompt_encoding_matches_diffusers(tiny_sd15):
+    folder = tiny_sd15
     ours = Pipeline.from_pretrained(folder)
     assert not ours.is_sdxl and not ours.force_zeros_for_empty_prompt
     theirs = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
@@ -76,8 +72,8 @@ def test_sd15_prompt_encoding_matches_diffusers(tmp_path):
         embeds, neg_embeds = (t.numpy() for t in theirs.encode_prompt(PROMPTS, "cpu", 1, True))
     cond = ours.encode_prompt(PROMPTS)
     assert cond.text_embeds is None and cond.added_cond_kwargs() is None
-    assert _rel_l2(cond.hidden_states, embeds) <= 1e-4
-    assert _rel_l2(ours.encode_negative(cond).hidden_states, neg_embeds) <= 1e-4
+    assert rel_err(cond.hidden_states, embeds) <= 1e-4
+    assert rel_err(ours.encode_negative(cond).hidden_states, neg_embeds) <= 1e-4
 
 
 def test_sdxl_sampling_matches_diffusers_ddim(sdxl, torch_sdxl):
@@ -90,7 +86,7 @@ def test_sdxl_sampling_matches_diffusers_ddim(sdxl, torch_sdxl):
         their_images = torch_sdxl(PROMPTS, latents=torch.from_numpy(x_T.copy()), output_type="np", **kwargs)
     x0, _ = sdxl.sample_latents(PROMPTS, num_steps=STEPS, guidance_scale=5.0, eta=0.0, height=SIZE,
                                 width=SIZE, latents=x_T)
-    assert _rel_l2(x0, theirs.images.numpy()) <= 1e-4
+    assert rel_err(x0, theirs.images.numpy()) <= 1e-4
     images = sdxl.decode(x0)
     expected = np.round(their_images.images * 255)
     assert images.dtype == np.uint8 and images.shape == expected.shape

@@ -18,6 +18,7 @@ from flax import nnx
 
 from dpojax import cli, parallel
 from dpojax.config import load_config
+from dpojax.diffusers_folder import read_pipeline_folder
 from dpojax.models import UNet2DConditionModel
 from dpojax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from dpojax.models.vae import AutoencoderKL
@@ -26,6 +27,7 @@ from dpojax.plan import (
     GIB,
     PLAN_SCHEDULER,
     abstract_step,
+    held_bytes,
     parse_mesh,
     plan_training,
     plan_xla_flags,
@@ -37,8 +39,6 @@ from dpojax.plan_worker import (
     dump_options,
     read_dumped_memory,
 )
-from dpojax.tiny import write_tiny_pipeline
-from dpojax.train.state import check_supported, read_pipeline_arch
 from dpojax.weights.io import abstract_module
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny_sdxl_dpo.yaml"
@@ -72,11 +72,10 @@ def _count(named_parameters, skip=()) -> int:
 @pytest.mark.parametrize("arch", ["sd-v1-5", "sdxl-base-1.0"])
 def test_shipped_architectures_match_diffusers_and_the_published_counts(arch):
     folder = ARCH_ROOT / arch
-    check_supported(load_config(None, [f"model.pretrained={folder}"]))
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                "text_encoder_2": CLIPTextModelWithProjection}
     present = [name for name in classes if (folder / name).is_dir()]
-    assert len(present) == (4 if read_pipeline_arch(folder, "auto") else 3)
+    assert len(present) == (4 if read_pipeline_folder(folder).is_sdxl else 3)
     for name in present:
         module = abstract_module(classes[name], json.loads((folder / name / "config.json").read_text()))
         ours = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
@@ -121,12 +120,12 @@ def test_plan_command_errors_name_the_culprit(capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_tiny_pipeline(tmp_path_factory.mktemp("plan") / "tiny-sdxl", arch="sdxl", seed=0)
+def tiny(tiny_sdxl) -> Path:
+    return tiny_sdxl
 
 
 def _overrides(tiny: Path, **overrides) -> list[str]:
-    values = {"model.pretrained": tiny, "train.pairs_per_device": 2, "model.remat": "none", **overrides}
+    values = {"model.pretrained": tiny, "dpo.pairs_per_device": 2, "model.remat": "none", **overrides}
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -175,7 +174,7 @@ def test_sharding_remat_and_micro_batch_show_in_the_plan(tiny, baseline):
     lora = _plan(tiny, **{"model.lora_rank": 4})
     assert lora.reference == baseline.reference  # the base UNet, frozen, serves as the reference
     assert lora.policy_params < baseline.policy_params / 10 and lora.optimizer_state < baseline.optimizer_state / 10
-    bigger = _plan(tiny, **{"train.pairs_per_device": 4})
+    bigger = _plan(tiny, **{"dpo.pairs_per_device": 4})
     assert bigger.temporaries > baseline.temporaries
     assert bigger.flops_per_device == pytest.approx(2 * baseline.flops_per_device, rel=0.1)
     small = dataclasses.replace(baseline, device_memory=baseline.peak - 1)
@@ -191,8 +190,8 @@ def test_the_dumped_buffer_assignment_gives_memory_analysis_numbers(tiny, tmp_pa
     and its per-device FLOPs agree with the whole step's cost before partitioning divided by the devices."""
     config = load_config(CONFIG, _overrides(tiny, **{"model.remat": "full"}))
     mesh = parallel.make_mesh(data=1, fsdp=2, tensor=1, devices=jax.devices()[:2])
-    update, _, args = abstract_step(config, mesh, tiny)
-    lowered = update.lower(*args)
+    _, program, _ = abstract_step(config, mesh, tiny)
+    lowered = program.lower()
     compiled = lowered.compile(compiler_options=dump_options(tmp_path))
     expected = compiled.memory_analysis()
     assert read_dumped_memory(tmp_path, compile_done=True) == {
@@ -240,3 +239,68 @@ def test_remat_lowers_the_temporaries_in_the_plan_command(capsys, tiny):
     so the saving shows (tiny UNet at 128 px: 0.56, 0.34 and 0.23 GiB)."""
     none, block, full = (_command_temporaries(capsys, tiny, remat) for remat in ("none", "block", "full"))
     assert full < 0.8 * block and block < 0.8 * none
+
+
+# ------------------------------------------------------------------- the plan counts what the trainer holds
+
+D3PO_CONFIG = Path(__file__).parents[1] / "configs" / "tiny_d3po_brightness.yaml"
+OBJECTIVES = {  # (config, overrides) of each kind of run the plan must agree with
+    "dpo": (CONFIG, {}),
+    "sft": (CONFIG, {"loss.type": "sft"}),
+    "lora-dpo": (CONFIG, {"model.lora_rank": 4}),
+    "d3po": (D3PO_CONFIG, {"d3po.num_steps": 2, "d3po.timestep_fraction": 0.5, "d3po.train_batch_size": 2,
+                           "d3po.sample_batch_size": 2}),
+}
+
+
+def _objective_config(tiny: Path, name: str):
+    path, overrides = OBJECTIVES[name]
+    values = {"model.pretrained": tiny, "mesh.data": 2, "mesh.fsdp": 4, **overrides}
+    return load_config(path, [f"{k}={v}" for k, v in values.items()])
+
+
+def _bytes_on(device, tree) -> int:
+    """Bytes of ``tree``'s real arrays that live on ``device``."""
+    return sum(shard.data.nbytes for x in jax.tree.leaves(tree) for shard in x.addressable_shards
+               if shard.device == device)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_the_plans_shardings_and_bytes_are_the_trainers_real_state(tiny, name):
+    """One code path: the planner's shape-only setup is the trainer's ``Setup.build`` with weights="none", its
+    state ``eval_shape`` of the trainer's init. Every leaf's sharding equals the real state's, and the plan's
+    byte rows equal what a device really holds of the trainer's state and frozen models."""
+    from dpojax.train.harness import Setup
+
+    config = _objective_config(tiny, name)
+    mesh = parallel.make_mesh(2, 4, 1)
+    real = Setup.build(config, mesh=mesh)
+    state = real.init_state()
+    planned, program, _ = abstract_step(config, mesh, tiny)
+    abstract_state = planned.abstract_state()
+    assert jax.tree.structure(abstract_state) == jax.tree.structure(state)
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, abstract_state)) == \
+        jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, planned.abstract_frozen())) == \
+        jax.tree.leaves(jax.tree.map(lambda x: x.sharding, real.frozen))
+    held = held_bytes(planned, program)
+    device = mesh.devices.flat[0]
+    assert held["policy_params"] == _bytes_on(device, state.params) > 0
+    assert held["optimizer_state"] == _bytes_on(device, state.opt_state)
+    assert held["reference"] == _bytes_on(device, real.frozen.get("reference"))
+    assert held["encoders"] == _bytes_on(device, {k: v for k, v in real.frozen.items() if k != "reference"})
+    assert (held["reference"] == 0) == (name == "sft")  # SFT needs no reference; LoRA's is the frozen base
+
+
+@pytest.mark.slow
+def test_plan_command_plans_a_d3po_step(capsys, tiny):
+    """`dpojax plan` on a D3PO config compiles D3PO's update (the objective's own program) in its worker."""
+    _, overrides = OBJECTIVES["d3po"]
+    args = ["plan", str(D3PO_CONFIG), "--mesh", "fsdp=2", f"model.pretrained={tiny}",
+            *(f"{k}={v}" for k, v in overrides.items())]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("d3po step, mesh data=1,fsdp=2,tensor=1 (2 devices), 2 pair(s) per device"), out
+    assert re.search(r"policy parameters \(trained\)\s+0\.0\d\d GiB", out) and "fits in 16 GiB" in out

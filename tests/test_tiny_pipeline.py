@@ -7,19 +7,18 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from PIL import Image
 
 from dpojax.cli import main
-from dpojax.tiny import write_tiny_pipeline
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", arch="sdxl")
+def sdxl_folder(tiny_sdxl):
+    return tiny_sdxl
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
-def test_diffusers_loads_and_generates(arch, sdxl_folder, tmp_path):
-    folder = sdxl_folder if arch == "sdxl" else write_tiny_pipeline(tmp_path / "sd15", arch="sd15")
+def test_diffusers_loads_and_generates(arch, sdxl_folder, tiny_sd15):
+    folder = sdxl_folder if arch == "sdxl" else tiny_sd15
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(folder)
     assert isinstance(pipe.scheduler, DDIMScheduler)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from parity_helpers import load_from_torch, rel_err
+from helpers import load_from_torch, rel_err
 
 from dpojax.models import CLIPTextModel, CLIPTextModelWithProjection
 from dpojax.tiny import text_encoder_config

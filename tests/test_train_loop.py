@@ -1,34 +1,31 @@
 """The training loop through its command line, on the tiny SDXL pipeline and synthetic pairs (CPU).
 
-Runs are subprocesses (``python -m dpojax.train.cli``) so they can be killed; they share a persistent
+Runs are subprocesses (``python -m dpojax.cli train``) so they can be killed; they share a persistent
 compilation cache, so only the first run of each program compiles.
 """
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import cli_env, dpojax_command, implicit_accuracy
 from PIL import Image
 from safetensors.numpy import load_file
 
 from dpojax import cli, parallel
-from dpojax.config import load_config
+from dpojax.components import load_components, split_params
+from dpojax.config import DataConfig, load_config
 from dpojax.data.pickapic import prepare_pickapic
-from dpojax.data.pipeline import PairLoaderConfig, make_pair_loader
+from dpojax.data.pipeline import make_pair_loader
 from dpojax.data.synth import preference_score, write_synthetic_pickapic
 from dpojax.models import UNet2DConditionModel
-from dpojax.tiny import write_tiny_pipeline
-from dpojax.train.evaluate import implicit_accuracy
 from dpojax.train.samples import policy_pipeline
-from dpojax.train.state import load_components, split_params
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny_sdxl_dpo.yaml"
 STEPS = 6
@@ -38,9 +35,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_sdxl):
     root = tmp_path_factory.mktemp("train_loop")
-    write_tiny_pipeline(root / "tiny-sdxl", arch="sdxl", seed=0)
+    (root / "tiny-sdxl").symlink_to(tiny_sdxl)
     write_synthetic_pickapic(root / "synth", 64, seed=0, image_size=32, eval_rows=72)
     prepare_pickapic(root / "synth", root / "pairs")
     return root
@@ -48,20 +45,17 @@ def workdir(tmp_path_factory):
 
 def overrides(workdir: Path, run: str, **extra) -> list[str]:
     values = {"model.pretrained": workdir / "tiny-sdxl", "data.data_dir": workdir / "pairs",
-              "train.output_dir": workdir / run, "train.steps": STEPS, "train.checkpoint_every": 1,
-              "train.keep_checkpoints": 10, "train.log_every": 1, "train.pairs_per_device": PAIRS,
+              "train.output_dir": workdir / run, "dpo.steps": STEPS, "train.checkpoint_every": 1,
+              "train.keep_checkpoints": 10, "dpo.log_every": 1, "dpo.pairs_per_device": PAIRS,
               "train.export": "unet", "logging.tensorboard": False, "train.sample_every": 0,
               "optim.warmup_steps": 2, **extra}
     return [f"{k}={v}" for k, v in values.items()]
 
 
 def start(workdir: Path, run: str, devices: int = 1, **extra) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     log = open(workdir / f"{run}.log", "a")  # noqa: SIM115  (closed when the process is waited for)
-    cmd = [sys.executable, "-m", "dpojax.cli", "train", str(CONFIG), *overrides(workdir, run, **extra)]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    return subprocess.Popen(dpojax_command("train", CONFIG, *overrides(workdir, run, **extra)), stdout=log,
+                            stderr=subprocess.STDOUT, env=cli_env(workdir, devices), cwd=workdir)
 
 
 def finish(proc: subprocess.Popen, workdir: Path, run: str, timeout: float = 240) -> tuple[int, str]:
@@ -159,7 +153,7 @@ def test_sigkill_then_sigterm_then_resume_is_bitwise_equal(workdir, uninterrupte
 def sharded_run_with_nan(workdir):
     """8 devices (data=2, fsdp=4) on the same global batch; step 3's loss is poisoned with NaN."""
     proc = start(workdir, "sharded", devices=8, **{"mesh.data": 2, "mesh.fsdp": 4,
-                                                   "train.pairs_per_device": PAIRS // 8,
+                                                   "dpo.pairs_per_device": PAIRS // 8,
                                                    "train.debug_nan_at_step": 3})
     rc, log = finish(proc, workdir, "sharded")
     return rc, log, workdir / "sharded"
@@ -182,9 +176,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sharded_run_with_n
 
 
 def test_unknown_config_key_is_one_line_error(capsys, workdir):
-    assert cli.main(["train", str(CONFIG), "train.stepz=3"]) == 2
+    assert cli.main(["train", str(CONFIG), "dpo.stepz=3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "dpojax train: error: config: unknown key 'train.stepz' (did you mean 'train.steps'?)"
+    assert err == "dpojax train: error: config: unknown key 'dpo.stepz' (did you mean 'dpo.steps'?)"
 
 
 def test_dpo_learns_the_preference(workdir):
@@ -196,7 +190,7 @@ def test_dpo_learns_the_preference(workdir):
     than half of 128 prompts (one-sided sign test, p < 0.01).
     """
     run = "learning"
-    rc, log = finish(start(workdir, run, **{"train.steps": 60, "train.checkpoint_every": 0}), workdir, run)
+    rc, log = finish(start(workdir, run, **{"dpo.steps": 60, "train.checkpoint_every": 0}), workdir, run)
     assert rc == 0, log
     import jax
     from scipy.stats import binomtest
@@ -206,11 +200,10 @@ def test_dpo_learns_the_preference(workdir):
     components, reference_params, frozen = load_components(config, mesh)
     trained_unet = UNet2DConditionModel.from_pretrained(workdir / run / "final", mesh=mesh)
     _, trained = split_params(trained_unet)
-    loader = make_pair_loader(PairLoaderConfig(data_dir=str(workdir / "pairs"), split="validation", batch_size=8,
-                                               resolution=32, shuffle=False, num_epochs=1, caption_dropout=0.0,
-                                               flip="none"))
-    batches = list(loader)
-    kw = dict(beta=config.loss.beta, batch_sharding=parallel.batch_sharding(mesh), draws=4)
+    validation = DataConfig(data_dir=str(workdir / "pairs"), split="validation", resolution=32, shuffle=False,
+                            caption_dropout=0.0, flip="none")
+    batches = list(make_pair_loader(validation, batch_size=8, seed=0, num_epochs=1))
+    kw = dict(beta=config.loss.beta, mesh=mesh, draws=4)
     policy = implicit_accuracy(components, trained, frozen, batches, **kw)
     reference = implicit_accuracy(components, reference_params, frozen, batches, **kw)
     assert policy["pairs"] >= 56

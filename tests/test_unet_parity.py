@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
-from parity_helpers import grads_as_torch, load_from_torch, perturb_, rel_err
+from helpers import grads_as_torch, load_from_torch, perturb_, rel_err
 
 from dpojax.models import UNet2DConditionModel
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
-from parity_helpers import load_from_torch, perturb_, rel_err
+from helpers import load_from_torch, perturb_, rel_err
 
 from dpojax.models import AutoencoderKL
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from parity_helpers import perturb_
+from helpers import perturb_, rel_err
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -63,10 +63,6 @@ def _torch_forward(model):
                                         "time_ids": 100 * torch.rand(2, 6, generator=gen)}).sample.numpy()
 
 
-def _rel_l2(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.mark.parametrize("layout,use_mesh", [("plain", False), ("sharded", True), ("fp16", False),
                                              ("fp16-sharded", True)])
 def test_diffusers_round_trip(saved, tmp_path, layout, use_mesh):
@@ -84,7 +80,7 @@ def test_diffusers_round_trip(saved, tmp_path, layout, use_mesh):
     exported = load_file(tmp_path / "export" / "diffusion_pytorch_model.safetensors")
     assert exported.keys() == expected.keys()
     assert all(np.array_equal(exported[k], expected[k]) for k in expected)
-    assert _rel_l2(_torch_forward(reloaded), _torch_forward(original)) <= 1e-5
+    assert rel_err(_torch_forward(reloaded), _torch_forward(original)) <= 1e-5
 
 
 class _SpyOpen:
@@ -134,7 +130,7 @@ def test_param_dtype_and_export_dtype(saved, tmp_path):
     reloaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "bf16", torch_dtype=torch.float32)
     exported = load_file(tmp_path / "bf16" / "diffusion_pytorch_model.safetensors")
     assert str(exported["conv_in.weight"].dtype) == "bfloat16"
-    assert _rel_l2(_torch_forward(reloaded.eval()), _torch_forward(original)) < 0.05
+    assert rel_err(_torch_forward(reloaded.eval()), _torch_forward(original)) < 0.05
 
 
 def _edited_copy(saved, tmp_path, edit):
@@ -304,4 +300,4 @@ def test_transformers_round_trip(clip_models, tmp_path, name, key_layout):
     reloaded, info = theirs.from_pretrained(tmp_path / "export", output_loading_info=True)
     assert not any(info.values()), info
     for got, want in zip(_clip_outputs(reloaded.eval()), _clip_outputs(original), strict=True):
-        assert _rel_l2(got, want) <= 1e-5
+        assert rel_err(got, want) <= 1e-5

@@ -14,6 +14,7 @@ SDXL ``pooled`` (P,) and ``time_ids`` (2, 6)).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,7 +25,6 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import nnx
 from flax.serialization import msgpack_restore, msgpack_serialize
-from transformers import CLIPTokenizer
 
 from dpojax import parallel
 from dpojax.config import Config, ConfigError
@@ -51,9 +51,8 @@ def _encode_pairs(vae, text_encoder, text_encoder_2, pixels, input_ids, input_id
 
 def encode_cache(config: Config, out: str | Path, *, store_dtype: str = "float32") -> Path:
     """Encode every pair of ``data.split`` (model and data settings from ``config``) into a cache at ``out``."""
-    from dpojax.data.pipeline import PairLoaderConfig, make_pair_loader
-    from dpojax.train.state import DTYPES, load_encoders, read_pipeline_arch
-    from dpojax.train.step import tokenize
+    from dpojax.components import DTYPES, load_components
+    from dpojax.data.pipeline import make_pair_loader
 
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"--dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
@@ -65,31 +64,27 @@ def encode_cache(config: Config, out: str | Path, *, store_dtype: str = "float32
     data, model = config.data, config.model
     if data.data_dir is None or model.pretrained is None:
         raise ConfigError("config: data.data_dir and model.pretrained must both be set to encode a cache")
-    folder = Path(model.pretrained)
-    is_sdxl = read_pipeline_arch(folder, model.arch)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    vae, (vae_graph, te_graph, te2_graph), params = load_encoders(config, mesh, is_sdxl)
-    modules = (vae, nnx.merge(te_graph, params["text_encoder"]),
-               nnx.merge(te2_graph, params["text_encoder_2"]) if is_sdxl else None)
-    tokenizers = (CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-                  CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if is_sdxl else None)
+    components, _, frozen = load_components(config, mesh, unets=False)
+    folder, is_sdxl = components.folder, components.is_sdxl
+    modules = tuple(None if graph is None else nnx.merge(graph, frozen[name]) for name, graph in (
+        ("vae", components.vae), ("text_encoder", components.text_encoder),
+        ("text_encoder_2", components.text_encoder_2)))
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = devices * config.train.pairs_per_device
-    loader = make_pair_loader(PairLoaderConfig(
-        data_dir=data.data_dir, dataset=data.dataset, split=data.split, batch_size=batch,
-        resolution=data.resolution, shuffle=False, num_epochs=1, drop_remainder=False,
-        random_crop=data.random_crop, flip="none", caption_dropout=0.0, time_ids=data.time_ids))
+    batch = devices * config.dpo.pairs_per_device
+    in_order = dataclasses.replace(data, shuffle=False, flip="none", caption_dropout=0.0)  # every pair once, as is
+    loader = make_pair_loader(in_order, batch_size=batch, seed=config.train.seed, num_epochs=1,
+                              drop_remainder=False)
     sharding = parallel.batch_sharding(mesh)
     compute = jnp.dtype(DTYPES[model.dtype])
 
     def encode(pixels: np.ndarray, captions) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         rows = len(captions)
         pad = -rows % devices  # the last batch is padded to split over the devices, then cut back
-        ids = [None if tok is None else np.pad(tokenize(tok, list(captions)), ((0, pad), (0, 0)))
-               for tok in tokenizers]
+        ids = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in folder.token_ids(list(captions)).items()}
         pixels = np.pad(pixels, ((0, pad),) + ((0, 0),) * (pixels.ndim - 1)).astype(compute)
         put = lambda x: None if x is None else jax.device_put(x, sharding)  # noqa: E731
-        moments, cond = _encode_pairs(*modules, put(pixels), put(ids[0]), put(ids[1]))
+        moments, cond = _encode_pairs(*modules, put(pixels), put(ids["input_ids"]), put(ids.get("input_ids_2")))
         text = {"hidden": cond.hidden_states, "pooled": cond.text_embeds}
         return ([np.asarray(m)[:rows] for m in moments],
                 {k: np.asarray(v)[:rows] for k, v in text.items() if v is not None})
@@ -114,7 +109,7 @@ def encode_cache(config: Config, out: str | Path, *, store_dtype: str = "float32
             raise ValueError(f"split '{data.split}' of {data.dataset} in {data.data_dir} has no pairs to encode")
         _, empty = encode(np.zeros((1, 2, data.resolution, data.resolution, 3), np.float32), [""])
         (tmp / "empty.msgpack").write_bytes(msgpack_serialize({k: store(v[0]) for k, v in empty.items()}))
-        meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "pairs": count, "model": str(folder),
+        meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "pairs": count, "model": str(folder.path),
                 "vae": model.vae, "is_sdxl": is_sdxl, "data_dir": str(data.data_dir), "dataset": data.dataset,
                 "split": data.split, "resolution": data.resolution, "random_crop": data.random_crop,
                 "time_ids": data.time_ids, "dtype": store_dtype}

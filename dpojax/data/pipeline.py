@@ -9,7 +9,6 @@ Batches are dicts of NumPy arrays, winner at index 0 and loser at index 1 of the
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import grain
@@ -17,44 +16,9 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 import dpojax.data.pickapic  # noqa: F401  (registers the pickapic_v2 builder that tfds.data_source looks up)
+from dpojax.config import DataConfig
 from dpojax.data.sharding import process_sampler
-from dpojax.data.transforms import FLIP_MODES, TIME_ID_MODES, PreparePair
-
-
-@dataclasses.dataclass(frozen=True)
-class PairLoaderConfig:
-    """Input pipeline settings; the defaults are the official Diffusion-DPO code's."""
-
-    data_dir: str
-    dataset: str = "pickapic_v2/default"  # "<builder>/<config>", as printed by `dpojax data prepare`
-    split: str = "train"
-    batch_size: int = 8  # pairs per process per step
-    resolution: int = 512
-    seed: int = 0
-    shuffle: bool = True
-    num_epochs: int | None = None  # None repeats forever
-    drop_remainder: bool = True
-    random_crop: bool = False
-    flip: str = "per_image"  # official: each image flipped on its own; "joint": diffusers SDXL; "none"
-    caption_dropout: float = 0.2  # probability that a pair's caption becomes ""
-    time_ids: str = "constant"  # official [res, res, 0, 0, res, res]; "original": real size and crop
-    worker_count: int = 0  # grain worker processes; 0 decodes in the calling process
-    worker_buffer_size: int = 1
-
-    def __post_init__(self):
-        choices = {"flip": FLIP_MODES, "time_ids": TIME_ID_MODES}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"data.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"data.caption_dropout={self.caption_dropout} must be in [0, 1]")
-        for key in ("batch_size", "resolution"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"data.{key}={getattr(self, key)} must be positive")
-        if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"data.num_epochs={self.num_epochs} must be positive or None (forever)")
-        if self.worker_count < 0:
-            raise ValueError(f"data.worker_count={self.worker_count} must be >= 0")
+from dpojax.data.transforms import PreparePair
 
 
 def open_pairs(data_dir: str | Path, dataset: str = "pickapic_v2/default", split: str = "train"):
@@ -64,21 +28,24 @@ def open_pairs(data_dir: str | Path, dataset: str = "pickapic_v2/default", split
     return tfds.data_source(dataset, split=split, data_dir=str(data_dir), download=False)
 
 
-def make_pair_loader(config: PairLoaderConfig, *, process: tuple[int, int] | None = None) -> grain.DataLoader:
-    """The DataLoader for ``config``; each JAX process (or ``process = (index, count)``) reads its rows of
-    every global batch (``dpojax.data.sharding``)."""
-    source = open_pairs(config.data_dir, config.dataset, config.split)
+def make_pair_loader(data: DataConfig, *, batch_size: int, seed: int, num_epochs: int | None = None,
+                     drop_remainder: bool = True, process: tuple[int, int] | None = None) -> grain.DataLoader:
+    """The loader of ``data`` (the config's ``data`` section) in batches of ``batch_size`` pairs per process,
+    repeating ``num_epochs`` times (None: forever); each JAX process (or ``process = (index, count)``) reads
+    its rows of every global batch (``dpojax.data.sharding``)."""
+    if data.data_dir is None:
+        raise ValueError("config: data.data_dir must name the folder `dpojax data prepare` wrote, got null")
+    source = open_pairs(data.data_dir, data.dataset, data.split)
     try:
-        sampler = process_sampler(len(source), config.batch_size, shuffle=config.shuffle,
-                                  num_epochs=config.num_epochs, seed=config.seed,
-                                  drop_remainder=config.drop_remainder, process=process)
+        sampler = process_sampler(len(source), batch_size, shuffle=data.shuffle, num_epochs=num_epochs, seed=seed,
+                                  drop_remainder=drop_remainder, process=process)
     except ValueError as err:
-        raise ValueError(f"split '{config.split}' of {config.dataset} has {len(source)} pairs: {err}") from None
-    prepare = PreparePair(resolution=config.resolution, random_crop=config.random_crop, flip=config.flip,
-                          caption_dropout=config.caption_dropout, time_ids=config.time_ids)
-    if config.worker_count and not flags.FLAGS.is_parsed():
+        raise ValueError(f"split '{data.split}' of {data.dataset} has {len(source)} pairs: {err}") from None
+    prepare = PreparePair(resolution=data.resolution, random_crop=data.random_crop, flip=data.flip,
+                          caption_dropout=data.caption_dropout, time_ids=data.time_ids)
+    if data.worker_count and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; outside an absl app nobody parsed them
     return grain.DataLoader(
         data_source=source, sampler=sampler, shard_options=grain.sharding.NoSharding(),
-        operations=[prepare, grain.transforms.Batch(config.batch_size, drop_remainder=config.drop_remainder)],
-        worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)
+        operations=[prepare, grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
+        worker_count=data.worker_count, worker_buffer_size=1)

@@ -15,9 +15,6 @@ import grain
 import numpy as np
 from PIL import Image
 
-FLIP_MODES = ("per_image", "joint", "none")
-TIME_ID_MODES = ("constant", "original")
-
 
 def decode_rgb(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:

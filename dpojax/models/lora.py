@@ -105,10 +105,6 @@ def add_lora(module: nnx.Module, spec: LoRASpec, *, rngs: nnx.Rngs, lora_param_d
 # ---------------------------------------------------------------------------------- parameter trees (pure)
 
 
-def is_adapter_path(path: tuple) -> bool:
-    return any(part in ADAPTERS for part in path)
-
-
 def split_adapters(tree: Mapping) -> tuple[dict, dict]:
     """(base tree, adapter tree) of a nested parameter dict of an adapted model."""
     base, adapters = {}, {}

@@ -12,14 +12,11 @@ from dpojax import distributed
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dpojax.config import load_config
+    from dpojax.train.harness import objective_module
 
     config = load_config(args.config, args.overrides)  # a bad config fails before any process waits on it
     distributed.initialize(args)
-    if config.objective == "d3po":
-        from dpojax.train.d3po import train_online as train
-    else:
-        from dpojax.train.dpo import train
-    return exit_code(train(config))
+    return exit_code(objective_module(config).train(config))
 
 
 def exit_code(result) -> int:
@@ -39,6 +36,7 @@ def cmd_d3po_sample(args: argparse.Namespace) -> int:
 def cmd_d3po_train(args: argparse.Namespace) -> int:
     from dpojax.train.d3po import train_round
 
+    distributed.initialize(args)
     return exit_code(train_round(args.round, args.overrides))
 
 
@@ -55,7 +53,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="Diffusion-DPO / SFT or online D3PO training from a YAML config "
                                             "(resumes itself)")
     p.add_argument("config", help="YAML file, e.g. configs/tiny_sdxl_dpo.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=1e-5 train.steps=100")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=1e-5 dpo.steps=100")
     distributed.add_arguments(p)
     p.set_defaults(run=cmd_train)
 
@@ -69,6 +67,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = rounds.add_parser("train", help="train on a labeled round; exports ROUND/train/final")
     p.add_argument("round", help="a round folder written by `dpojax d3po sample`, with labels/*.json")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. d3po.num_epochs=10")
+    distributed.add_arguments(p)
     p.set_defaults(run=cmd_d3po_train)
 
     p = subparsers.add_parser("export", help="write a checkpoint's UNet as a diffusers folder")

@@ -16,7 +16,6 @@ makes one optimizer step, all in one jitted call.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
@@ -24,33 +23,43 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from dpojax import losses, parallel
+from dpojax import losses
 from dpojax import schedule as sched
-from dpojax.config import Config, D3POConfig
-from dpojax.pipeline import TextConditioning, _decode_to_uint8, ddim_loop, guided_predictor, sdxl_time_ids
-from dpojax.train.state import Components, TrainState, policy_unet_params
-from dpojax.train.step import text_conditioning, tokenize
+from dpojax.components import Components, policy_unet_params, shardings_of
+from dpojax.config import D3POConfig
+from dpojax.pipeline import TextConditioning, ddim_loop, decode_to_uint8, guided_predictor, sdxl_time_ids
+from dpojax.train.harness import Setup
+from dpojax.train.state import TrainState
+from dpojax.train.step import poisoned, text_conditioning
 
 TRAIN_STREAM = 1  # fold_in tag of the training step's randomness (the timestep subsets)
 
 
-def text_inputs(components: Components, prompts: list[str], height: int, width: int) -> dict[str, np.ndarray]:
-    """Host arrays the programs take for ``prompts``: token ids (and SDXL's second ids and size ids)."""
-    out = {"input_ids": tokenize(components.tokenizer, prompts)}
+def text_inputs(components: Components, prompts: list[str], size: int) -> dict[str, np.ndarray]:
+    """Host arrays the programs take for ``prompts`` of square ``size``-pixel images: token ids (and SDXL's
+    size ids)."""
+    out = components.folder.token_ids(prompts)
     if components.is_sdxl:
-        out["input_ids_2"] = tokenize(components.tokenizer_2, prompts)
-        out["time_ids"] = sdxl_time_ids(height, width, len(prompts))
+        out["time_ids"] = sdxl_time_ids(size, size, len(prompts))
     return out
+
+
+def text_shapes(components: Components, prompts: int) -> dict[str, tuple[tuple[int, ...], object]]:
+    """``{name: (shape, dtype)}`` of ``text_inputs`` for that many prompts."""
+    tokens = components.folder.component_config("text_encoder").get("max_position_embeddings", 77)
+    shapes = {"input_ids": ((prompts, tokens), jnp.int32)}
+    if components.is_sdxl:
+        shapes.update(input_ids_2=((prompts, tokens), jnp.int32), time_ids=((prompts, 6), jnp.float32))
+    return shapes
 
 
 def guidance_conditioning(components: Components, frozen: dict, text: dict, guidance_scale: float
                           ) -> tuple[TextConditioning, TextConditioning | None]:
     """(prompt conditioning, negative conditioning or None without guidance), one row per prompt.
 
-    The negative is the empty prompt (SD1.x/2.x) or zeros (SDXL, diffusers' force_zeros_for_empty_prompt),
-    as ``Pipeline.encode_negative`` makes it.
+    The negative is zeros where the folder says force_zeros_for_empty_prompt (SDXL's default), else the
+    encoded empty prompt, as ``Pipeline.encode_negative`` makes it.
     """
     cond = text_conditioning(components, frozen, text["input_ids"], text.get("input_ids_2"))
     if components.is_sdxl:
@@ -58,12 +67,15 @@ def guidance_conditioning(components: Components, frozen: dict, text: dict, guid
     cond = dataclasses.replace(cond, hidden_states=cond.hidden_states.astype(components.compute_dtype))
     if guidance_scale <= 1:
         return cond, None
-    if components.is_sdxl:
+    if components.folder.force_zeros_for_empty_prompt:
         return cond, dataclasses.replace(cond, hidden_states=jnp.zeros_like(cond.hidden_states),
                                          text_embeds=jnp.zeros_like(cond.text_embeds))
-    empty = text_conditioning(components, frozen, jnp.asarray(tokenize(components.tokenizer, [""])), None)
-    hidden = jnp.broadcast_to(empty.hidden_states, cond.hidden_states.shape).astype(cond.hidden_states.dtype)
-    return cond, TextConditioning(hidden)
+    empty_ids = {k: jnp.asarray(v) for k, v in components.folder.token_ids([""]).items()}
+    empty = text_conditioning(components, frozen, empty_ids["input_ids"], empty_ids.get("input_ids_2"))
+    rows = cond.hidden_states.shape[0]
+    empty = jax.tree.map(lambda x: jnp.broadcast_to(x, (rows, *x.shape[1:])), empty)
+    return cond, dataclasses.replace(cond, hidden_states=empty.hidden_states.astype(cond.hidden_states.dtype),
+                                     text_embeds=empty.text_embeds)
 
 
 def _repeat_rows(tree, times: int):
@@ -88,7 +100,7 @@ def sample_groups(components: Components, d3po: D3POConfig, params: dict, frozen
                                sched.ddim_timesteps(components.schedule, d3po.num_steps),
                                sched.ddim_prev_timesteps(components.schedule, d3po.num_steps), d3po.eta, loop_key,
                                return_trajectory=True)
-    images = _decode_to_uint8(nnx.merge(components.vae, frozen["vae"]), x0)
+    images = decode_to_uint8(nnx.merge(components.vae, frozen["vae"]), x0)
     return {"latents": trajectory.latents, "log_probs": trajectory.log_probs, "images": images}
 
 
@@ -130,20 +142,20 @@ def d3po_gradients(components: Components, d3po: D3POConfig, params: dict, froze
         def loss_fn(p):
             policy = nnx.merge(components.unet, policy_unet_params(components, p, frozen))
             logp = transition_log_probs(policy, components, d3po, *args)
-            loss, _ = losses.d3po_loss(logp.reshape(num_pairs, 2), ref_logp.reshape(num_pairs, 2), preference,
-                                       beta=d3po.beta, eps=d3po.eps)
-            return loss, logp
+            loss, metrics = losses.d3po_loss(logp.reshape(num_pairs, 2), ref_logp.reshape(num_pairs, 2),
+                                             preference, beta=d3po.beta, eps=d3po.eps)
+            return loss, (logp, metrics)
 
-        (loss, logp), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, (logp, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         log_ratio = (logp - ref_logp).reshape(num_pairs, 2)
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-        return grad_sum, (loss, log_ratio)
+        return grad_sum, (metrics, log_ratio)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    grad_sum, (step_losses, log_ratios) = jax.lax.scan(at_position, zeros, positions.T,
+    grad_sum, (step_metrics, log_ratios) = jax.lax.scan(at_position, zeros, positions.T,
                                                         unroll=positions_unroll(d3po, num_positions))
     grads = jax.tree.map(lambda g: g / num_positions, grad_sum)
-    return grads, d3po_metrics(step_losses, log_ratios, positions, preference, d3po.eps, num_steps)
+    return grads, d3po_metrics(step_metrics, log_ratios, positions, preference, num_steps)
 
 
 def positions_unroll(d3po: D3POConfig, num_positions: int) -> int:
@@ -153,26 +165,26 @@ def positions_unroll(d3po: D3POConfig, num_positions: int) -> int:
     return num_positions if jax.devices()[0].platform == "cpu" else 1
 
 
-def d3po_metrics(step_losses: jax.Array, log_ratios: jax.Array, positions: jax.Array, preference: jax.Array,
-                 eps: float, num_steps: int) -> dict[str, jax.Array]:
-    """Loss − ln 2, the fraction of (pair, member, step) inside the clamp band, |log ρ| summed per denoising
-    step (with counts, so the host can average over an epoch), and the win count: decisive (pair, step)s
-    where the policy already favours the preferred member more than the reference does."""
-    inside = (log_ratios >= math.log1p(-eps)) & (log_ratios <= math.log1p(eps))  # (K, P, 2)
+def d3po_metrics(step_metrics: dict[str, jax.Array], log_ratios: jax.Array, positions: jax.Array,
+                 preference: jax.Array, num_steps: int) -> dict[str, jax.Array]:
+    """``losses.d3po_loss``'s metrics averaged over the K steps, with the fraction of (pair, member, step)
+    inside the clamp band in place of the fraction outside it; |log ρ| summed per denoising step (with counts,
+    so the host can average over an epoch); and the win count: decisive (pair, step)s where the policy already
+    favours the preferred member more than the reference does."""
+    means = {k: jnp.mean(v) for k, v in step_metrics.items()}
+    inside = 1.0 - means.pop("clip_fraction")
     abs_per_pair = jnp.mean(jnp.abs(log_ratios), axis=-1)  # (K, P)
     index = positions.T.reshape(-1)
     decisive = jnp.any(preference != 0, axis=-1)  # (P,)
     favoured = jnp.sum(preference * log_ratios, axis=-1) > 0  # (K, P)
-    loss = jnp.mean(step_losses)
     return {
-        "loss": loss,
-        "loss_minus_ln2": loss - losses.LN2,
-        "inside_fraction": jnp.mean(inside.astype(jnp.float32)),
+        **means,
+        "inside_fraction": inside,
         "abs_log_ratio_sum": jax.ops.segment_sum(abs_per_pair.reshape(-1), index, num_segments=num_steps),
         "abs_log_ratio_count": jax.ops.segment_sum(jnp.ones_like(index, jnp.float32), index,
                                                    num_segments=num_steps),
         "wins": jnp.sum((favoured & decisive).astype(jnp.float32)),
-        "decisive": jnp.sum(decisive.astype(jnp.float32)) * step_losses.shape[0],
+        "decisive": jnp.sum(decisive.astype(jnp.float32)) * log_ratios.shape[0],
     }
 
 
@@ -183,35 +195,30 @@ def training_positions(key: jax.Array, num_pairs: int, num_steps: int, fraction:
     return perms[:, :count]
 
 
-def latent_size(components: Components, config: Config) -> tuple[int, int]:
-    """(h, w) of the latents for images of ``data.resolution`` pixels."""
-    size = config.data.resolution
-    if size % components.vae_scale_factor:
-        raise ValueError(f"config: data.resolution={size} must be a multiple of the VAE scale factor "
-                         f"{components.vae_scale_factor}")
-    return (size // components.vae_scale_factor,) * 2
+def latent_size(components: Components, resolution: int) -> tuple[int, int]:
+    """(h, w) of the latents of square ``resolution``-pixel images."""
+    return (resolution // components.vae_scale_factor,) * 2
 
 
-def make_sampler(components: Components, config: Config, mesh: jax.sharding.Mesh, param_shardings,
-                 frozen_shardings: dict, group_size: int) -> Callable:
+def make_sampler(setup: Setup, group_size: int) -> Callable:
     """Jitted ``sample(params, frozen, text, key) -> {latents, log_probs, images}`` (see ``sample_groups``),
     the prompts' rows and the outputs sharded over the batch mesh axes."""
-    latent_hw = latent_size(components, config)
-    batch = parallel.batch_sharding(mesh)
+    components, d3po = setup.components, setup.config.d3po
+    latent_hw = latent_size(components, d3po.resolution)
 
     def sample(params, frozen, text, key):
-        return sample_groups(components, config.d3po, params, frozen, text, key, group_size, latent_hw)
+        return sample_groups(components, d3po, params, frozen, text, key, group_size, latent_hw)
 
-    return jax.jit(sample, in_shardings=(param_shardings, frozen_shardings, batch,
-                                         NamedSharding(mesh, PartitionSpec())), out_shardings=batch)
+    frozen_shardings = shardings_of(setup.frozen)
+    return jax.jit(sample, in_shardings=(setup.shardings.params, frozen_shardings, setup.batch_sharding,
+                                         setup.replicated), out_shardings=setup.batch_sharding)
 
 
-def make_update(components: Components, config: Config, tx: optax.GradientTransformation,
-                lr_schedule: optax.Schedule, mesh: jax.sharding.Mesh, state_shardings: TrainState,
-                frozen_shardings: dict) -> Callable:
+def make_update(setup: Setup) -> Callable:
     """Jitted ``update(state, frozen, batch) -> (state, metrics)``: one optimizer step on P pairs (the state
     buffers are donated). ``batch``: latents (P, 2, T+1, C, h, w), the prompts' text inputs, preference (P, 2)."""
-    d3po = config.d3po
+    components, config, tx = setup.components, setup.config, setup.tx
+    d3po, nan_step = config.d3po, config.train.debug_nan_at_step
 
     def update(state: TrainState, frozen: dict, batch: dict):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), TRAIN_STREAM),
@@ -221,10 +228,12 @@ def make_update(components: Components, config: Config, tx: optax.GradientTransf
         positions = training_positions(key, latents.shape[0], latents.shape[2] - 1, d3po.timestep_fraction)
         grads, metrics = d3po_gradients(components, d3po, state.params, frozen, latents, cond,
                                         uncond, batch["preference"], positions)
+        grads = jax.tree.map(lambda g: poisoned(g, state.step, nan_step), grads)  # test hook (NaN stop)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
+        metrics = {**metrics, "loss": poisoned(metrics["loss"], state.step, nan_step),
+                   "grad_norm": optax.tree.norm(grads), "lr": setup.lr_schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
-    return jax.jit(update, in_shardings=(state_shardings, frozen_shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+    return jax.jit(update, in_shardings=(setup.shardings, shardings_of(setup.frozen), setup.batch_sharding),
+                   out_shardings=(setup.shardings, setup.replicated), donate_argnums=(0,))

@@ -9,17 +9,20 @@ merged into the base weights. All are written atomically: the target appears who
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
+from dpojax.components import DTYPES, abstract_lora_policy, lora_spec, split_params
 from dpojax.config import Config
-from dpojax.models.lora import split_adapters
+from dpojax.models.lora import merge_adapters, split_adapters, with_adapters
 from dpojax.train.checkpoint import Checkpointer
-from dpojax.train.state import DTYPES, abstract_lora_policy, lora_spec, split_params
 from dpojax.weights.io import abstract_module, save_pipeline, save_pretrained
-from dpojax.weights.lora import merged_unet, save_lora
+from dpojax.weights.lora import save_lora
 
 UNET_KINDS = ("pipeline", "unet")
 EXPORT_KINDS = (*UNET_KINDS, "lora")
@@ -34,6 +37,26 @@ def write_unet(unet: nnx.Module, out: str | Path, kind: str, base: str | Path | 
     if base is None:
         raise ValueError("a pipeline export needs the base pipeline folder (model.pretrained)")
     return save_pipeline(base, out, {"unet": unet})
+
+
+def merged_unet(base: str | Path, adapters: Mapping, scale: float, *, dtype=jnp.float32) -> nnx.Module:
+    """The UNet of the pipeline folder ``base`` in ``dtype`` with the adapters merged in (W + scale · B A).
+
+    The base weights are placed like the adapters: over their mesh when they are sharded (a training run's
+    final export), else on their one device.
+    """
+    from dpojax.models.unet import UNet2DConditionModel
+
+    sharding = jax.tree.leaves(adapters)[0].sharding
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+    unet = UNet2DConditionModel.from_pretrained(base, "unet", dtype=dtype, mesh=mesh)
+    graph, params = nnx.split(unet, nnx.Param)
+    try:
+        adapted = with_adapters(nnx.to_pure_dict(params), adapters)
+        merged = jax.jit(merge_adapters, static_argnums=1)(adapted, scale)
+    except ValueError as err:
+        raise ValueError(f"{Path(base) / 'unet'}: {err}") from None
+    return nnx.merge(graph, merged)
 
 
 def write_policy(graph: nnx.GraphDef, params, out: str | Path, kind: str, config: Config,

@@ -9,20 +9,18 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dpojax.components import Components
 from dpojax.config import Config
 from dpojax.pipeline import Pipeline, write_png
-from dpojax.train.state import Components
 
 
 def policy_pipeline(components: Components, unet: nnx.Module, frozen: dict) -> Pipeline:
     """A sampling pipeline around the trained UNet and the frozen encoders/decoder the step already holds."""
-    return Pipeline(
-        unet=unet, vae=nnx.merge(components.vae, frozen["vae"]),
-        text_encoder=nnx.merge(components.text_encoder, frozen["text_encoder"]), tokenizer=components.tokenizer,
-        schedule=components.schedule, is_sdxl=components.is_sdxl,
+    return Pipeline.from_folder(
+        components.folder, unet=unet, vae=nnx.merge(components.vae, frozen["vae"]),
+        text_encoder=nnx.merge(components.text_encoder, frozen["text_encoder"]),
         text_encoder_2=(nnx.merge(components.text_encoder_2, frozen["text_encoder_2"])
-                        if components.is_sdxl else None),
-        tokenizer_2=components.tokenizer_2, force_zeros_for_empty_prompt=components.is_sdxl)
+                        if components.is_sdxl else None))
 
 
 def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
@@ -42,7 +40,7 @@ def write_sample_grid(config: Config, components: Components, unet: nnx.Module, 
     process runs the sampler, whose parameters may be spread over all of them)."""
     train = config.train
     pipe = policy_pipeline(components, unet, frozen)
-    size = config.data.resolution
+    size = config.resolution
     images = pipe.sample(list(train.sample_prompts), num_steps=train.sample_steps,
                          guidance_scale=train.sample_guidance, seed=train.seed, height=size, width=size)
     if jax.process_index() != 0:

@@ -12,7 +12,7 @@ and denoise the B winners alone, and reference-free ones skip the reference UNet
 
 Gradient accumulation: ``accumulate`` adds a micro-batch's gradient into a buffer (not checkpointed:
 checkpoints are taken between optimizer steps, when it is zero); ``update`` adds the last one, averages,
-clips and applies the optimizer. With ``optim.grad_accum == 1`` only ``update`` exists and takes no buffer.
+clips and applies the optimizer. With ``dpo.grad_accum == 1`` only ``update`` exists and takes no buffer.
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dpojax import losses
 from dpojax import schedule as sched
-from dpojax.config import Config, LossConfig
+from dpojax.components import Components, policy_unet_params, shardings_of
+from dpojax.config import LossConfig
 from dpojax.models.vae import DiagonalGaussian
 from dpojax.pipeline import TextConditioning, encode_text
-from dpojax.train.state import Components, TrainState, policy_unet_params
+from dpojax.train.harness import Setup
+from dpojax.train.state import TrainState
 
 
 def winners_first(x: jax.Array) -> jax.Array:
@@ -139,15 +140,15 @@ class StepFunctions:
     zeros_accum: Callable | None
 
 
-def make_step_functions(components: Components, config: Config, tx: optax.GradientTransformation,
-                        lr_schedule: optax.Schedule, mesh: jax.sharding.Mesh, state_shardings: TrainState,
-                        frozen_shardings: dict, batch_sharding: NamedSharding) -> StepFunctions:
-    """Jit the step over ``mesh`` with explicit shardings; state and accumulator buffers are donated."""
+def make_step_functions(setup: Setup) -> StepFunctions:
+    """Jit the step over the setup's mesh with explicit shardings; state and accumulator buffers are donated."""
+    components, config, tx, lr_schedule = setup.components, setup.config, setup.tx, setup.lr_schedule
+    state_shardings, frozen_shardings = setup.shardings, shardings_of(setup.frozen)
     loss_config = config.loss
     images_per_pair = 1 if loss_config.type in losses.WINNERS_ONLY_LOSSES else 2
-    grad_accum = config.optim.grad_accum
+    grad_accum = config.dpo.grad_accum
     nan_step = config.train.debug_nan_at_step
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated, batch_sharding = setup.replicated, setup.batch_sharding
 
     def gradients(state: TrainState, frozen: dict, batch: dict, micro: jax.Array):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), micro)
@@ -157,8 +158,7 @@ def make_step_functions(components: Components, config: Config, tx: optax.Gradie
             policy = policy_unet_params(components, params, frozen)  # with LoRA: base weights + adapters
             loss, metrics = preference_objective(components, loss_config, policy, frozen.get("reference"),
                                                  latents, noise, timesteps, cond)
-            if nan_step:  # test hook: poison one step to exercise the non-finite-loss stop
-                loss = loss * jnp.where(state.step + 1 == nan_step, jnp.nan, 1.0)
+            loss = poisoned(loss, state.step, nan_step)  # test hook: exercises the non-finite-loss stop
             return loss, {**metrics, "loss": loss}
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -194,25 +194,16 @@ def make_step_functions(components: Components, config: Config, tx: optax.Gradie
     return StepFunctions(update_fn, accumulate_fn, zeros_fn)
 
 
-def tokenize(tokenizer, captions) -> np.ndarray:
-    """CLIP token ids, padded to the tokenizer's 77 tokens and truncated, int32."""
-    ids = tokenizer([str(c) for c in captions], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="np").input_ids
-    return np.asarray(ids, np.int32)
-
-
 def host_batch(components: Components, batch: dict) -> dict[str, np.ndarray]:
     """A loader batch → the arrays the step takes (captions become token ids; cached arrays pass as they are)."""
     if "latent_mean" in batch:
         return {k: np.asarray(v, np.float32) for k, v in batch.items()}
-    out = {"pixels": np.asarray(batch["pixels"], np.float32),
-           "input_ids": tokenize(components.tokenizer, batch["captions"])}
+    out = {"pixels": np.asarray(batch["pixels"], np.float32), **components.folder.token_ids(batch["captions"])}
     if components.is_sdxl:
-        out["input_ids_2"] = tokenize(components.tokenizer_2, batch["captions"])
         out["time_ids"] = np.asarray(batch["time_ids"], np.float32)
     return out
 
 
-def device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's rows placed as one global batch sharded over the batch mesh axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def poisoned(loss: jax.Array, step: jax.Array, nan_step: int) -> jax.Array:
+    """``train.debug_nan_at_step``: the loss (and so the update) of that optimizer step becomes NaN."""
+    return loss * jnp.where(step + 1 == nan_step, jnp.nan, 1.0) if nan_step else loss

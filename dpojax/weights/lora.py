@@ -1,5 +1,4 @@
-"""LoRA adapters out to diffusers: the PEFT-format file ``pipe.load_lora_weights(folder)`` reads, and the full
-UNet with the adapters merged in.
+"""LoRA adapters out to diffusers: the PEFT-format file ``pipe.load_lora_weights(folder)`` reads.
 
 The file is ``<folder>/pytorch_lora_weights.safetensors``, as diffusers' ``save_lora_weights`` writes it for a
 UNet-only LoRA: keys ``unet.<module>.lora_A.weight`` (r, in) and ``unet.<module>.lora_B.weight`` (out, r) (the
@@ -15,14 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
 from safetensors.numpy import save_file
 
-from dpojax.models.lora import LoRASpec, merge_adapters, with_adapters
+from dpojax.models.lora import LoRASpec
 from dpojax.weights import naming
 from dpojax.weights.atomic import atomic_folder
 
@@ -58,23 +55,3 @@ def save_lora(adapters: Mapping, folder: str | Path, spec: LoRASpec) -> Path:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("save_lora")
     return Path(folder)
-
-
-def merged_unet(base: str | Path, adapters: Mapping, scale: float, *, dtype=jnp.float32) -> nnx.Module:
-    """The UNet of the pipeline folder ``base`` in ``dtype`` with the adapters merged in (W + scale · B A).
-
-    The base weights are placed like the adapters: over their mesh when they are sharded (a training run's
-    final export), else on their one device.
-    """
-    from dpojax.models.unet import UNet2DConditionModel
-
-    sharding = jax.tree.leaves(adapters)[0].sharding
-    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
-    unet = UNet2DConditionModel.from_pretrained(base, "unet", dtype=dtype, mesh=mesh)
-    graph, params = nnx.split(unet, nnx.Param)
-    try:
-        adapted = with_adapters(nnx.to_pure_dict(params), adapters)
-        merged = jax.jit(merge_adapters, static_argnums=1)(adapted, scale)
-    except ValueError as err:
-        raise ValueError(f"{Path(base) / 'unet'}: {err}") from None
-    return nnx.merge(graph, merged)

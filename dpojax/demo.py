@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/tiny_sdxl_dpo.yaml"
+# What the demo makes under its folder for the tiny configs to read (they name demo/tiny-sdxl, demo/pairs).
+DEMO_MODEL, DEMO_SYNTH, DEMO_PAIRS, DEMO_RUN = "tiny-sdxl", "synth", "pairs", "run"
 DEMO_PROMPT = "a bright sunny landscape"
 
 
@@ -22,7 +24,7 @@ def run_demo(out: str | Path, *, config_path: str | Path = DEFAULT_CONFIG, seed:
     from dpojax.train.dpo import train
 
     out = Path(out)
-    model, synth, pairs, run = out / "tiny-sdxl", out / "synth", out / "pairs", out / "run"
+    model, synth, pairs, run = (out / name for name in (DEMO_MODEL, DEMO_SYNTH, DEMO_PAIRS, DEMO_RUN))
     if not model.exists():
         write_tiny_pipeline(model, arch="sdxl", seed=seed)
         print(f"[1/5] made a tiny random SDXL pipeline at {model}")

@@ -5,7 +5,7 @@ over per-sample MSEs (Diffusion-DPO family) or per-step DDIM log-probs (D3PO). A
 whatever the compute dtype, because the DPO logit is a small difference of MSEs multiplied by β ≈ 5000.
 
 Layout of the pair losses: a batch of B pairs is a (2B,) vector ``[winners; losers]``, row i of each half
-being the same pair (same prompt, noise and timestep). Notation of ``reference/diffusion_dpo.md`` §1, §9:
+being the same pair (same prompt, noise and timestep). Notation of docs/losses.md:
 r = m_ref − m_θ per image, M = r_w − r_l, u = (β/2)·M.
 """
 

@@ -1,12 +1,12 @@
 """The jitted D3PO programs: the group sampler and the training step on stored transitions.
 
-Sampler (``reference/d3po.md`` §1, §2): G prompts, each sampled k times from ONE starting noise x_T with
+Sampler (docs/d3po.md): G prompts, each sampled k times from ONE starting noise x_T with
 independent per-step noise, by ``pipeline.ddim_loop`` under ``lax.scan`` with classifier-free guidance against
-the empty prompt. It records every state x_t and the per-step log-probs (fp32, per-dimension mean, §1a) and
+the empty prompt. It records every state x_t and the per-step log-probs (fp32, per-dimension mean) and
 decodes x_0 to uint8 images, in one program sharded over the batch mesh axes. Rows are group-major
 ``[g0m0, g0m1, ..., g1m0, ...]``, so a device holds whole groups.
 
-Training step (§3, §4): P pairs of stored trajectories with preferences h (P, 2); K = int(T·timestep_fraction)
+Training step: P pairs of stored trajectories with preferences h (P, 2); K = int(T·timestep_fraction)
 denoising steps per pair, one random subset per pair shared by both members. ``lax.scan`` over the K positions
 takes value_and_grad of the D3PO loss at each and sums the gradients, so only one timestep's graph is alive
 at a time (D3PO's backward per timestep; ``model.remat`` checkpoints each UNet layer inside it), and their mean
@@ -117,7 +117,7 @@ def transition_log_probs(unet: nnx.Module, components: Components, d3po: D3POCon
 def d3po_gradients(components: Components, d3po: D3POConfig, params: dict, frozen: dict,
                    latents: jax.Array, cond: TextConditioning, uncond: TextConditioning | None,
                    preference: jax.Array, positions: jax.Array) -> tuple[dict, dict[str, jax.Array]]:
-    """The mean over K positions of the gradient of the D3PO loss (§3), and the step's metrics.
+    """The mean over K positions of the gradient of the D3PO loss, and the step's metrics.
 
     ``latents`` (P, 2, T+1, C, h, w): both members' x_T ... x_0; ``cond``/``uncond``: P rows;
     ``preference`` (P, 2) in {−1, 0, +1}; ``positions`` (P, K) int: the denoising-step indices trained per pair.

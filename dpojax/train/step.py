@@ -3,7 +3,7 @@
 One micro-batch of B pairs goes through: VAE encoding of the 2B images (a posterior *sample* times the
 scaling factor, no gradient), the frozen text encoders, one noise and one timestep per pair shared by winner
 and loser, the policy forward and backward pass and the reference forward pass (``stop_gradient``) on all 2B
-noisy latents, and ``losses.pair_loss`` in fp32 (``reference/diffusion_dpo.md`` §1).
+noisy latents, and ``losses.pair_loss`` in fp32 (docs/losses.md).
 
 Layout: inside the step images are *pair-interleaved*, ``[w0, l0, w1, l1, ...]``, so a device holding pair i
 holds both of its images and the batch sharding never splits a pair; the per-sample errors are reordered to

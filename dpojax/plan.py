@@ -48,14 +48,12 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-# XLA:CPU flags for planning. Its all-reduce combiner rebuilds a reachability map over the whole partitioned
-# step again and again (gdb: minutes on SDXL, quadratic); GPU/TPU compilers combine collectives their own way.
-# It removes optimization barriers before its last CSE passes, which then merge remat's recomputation back
-# into the forward pass: remat saved nothing on CPU (a 16-layer checkpointed toy: 256 MiB of temporaries, 136
-# with the barriers kept). GPU/TPU compilers keep them until after scheduling.
-# The memory-optimized scheduler keeps remat's recomputation next to its use, as GPU/TPU schedulers do
-# (SDXL at 1024 px with its deepest stacks cut to 1 layer: 42 GiB of temporaries with the default scheduler, 21
-# GiB with this one).
+# XLA:CPU flags for planning (docs/planner.md has the measurements). Its all-reduce combiner rebuilds a
+# reachability map over the whole partitioned step again and again (quadratic); GPU/TPU compilers combine
+# collectives their own way. It removes optimization barriers before its last CSE passes, which then merge
+# remat's recomputation back into the forward pass, so remat would save nothing; GPU/TPU compilers keep them
+# until after scheduling. The memory-optimized scheduler keeps remat's recomputation next to its use, as GPU/TPU
+# schedulers do.
 PLAN_DISABLED_PASSES = ("cpu-all-reduce-combiner", "cse_barrier_expander")
 PLAN_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
@@ -171,8 +169,8 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
     """Compile ``config``'s training step for ``mesh_sizes`` on fake CPU devices and measure it.
 
     The compile runs in a fresh process (``dpojax.plan_worker``): XLA's flags and the number of CPU devices
-    can only be set before JAX starts, and the worker stops XLA:CPU after its buffer assignment (SDXL: about 4
-    minutes on 2 cores; the whole compile did not finish in 25).
+    can only be set before JAX starts, and the worker stops XLA:CPU after its buffer assignment, long before the
+    whole compile would end (docs/planner.md).
     """
     folder = architecture_folder(config, arch_dir)
     with tempfile.TemporaryDirectory(prefix="dpojax-plan-") as tmp:

@@ -1,9 +1,9 @@
 """The process ``dpojax plan`` compiles in: it stops XLA:CPU once its buffer assignment exists.
 
 XLA:CPU ends a compile by building the dependency graph its thunk runtime executes, in time quadratic in the
-number of operations: SDXL's training step (85,000 of them on fsdp=8) reaches its buffer assignment after
-about 4 minutes on 2 cores, then spends more than 15 more minutes on that graph (profiled: transitive
-reduction and buffer-conflict checks). The plan executes nothing, so it stops there: XLA dumps the buffer
+number of operations: SDXL's training step reaches its buffer assignment long before that graph is built
+(profiled: transitive reduction and buffer-conflict checks; docs/planner.md has the times). The plan executes
+nothing, so it stops there: XLA dumps the buffer
 assignment as text (``xla_dump_to``) before building the graph; this process compiles in a thread, reads the
 dump once it is complete, writes its numbers and exits without waiting for the rest. They are the numbers
 ``Compiled.memory_analysis()`` reports (``tests/test_plan.py`` checks they are equal).

@@ -69,6 +69,28 @@ def rel_err(actual, expected) -> float:
                  / max(np.linalg.norm(expected), 1e-12))
 
 
+def policy_and_nearby_reference(distance: float):
+    """A perturbed tiny SDXL torch UNet as the policy and a copy moved by ``distance`` (relative to each weight's
+    spread) as the reference, with their JAX (graph, params) splits: (policy, reference, policy split,
+    reference split)."""
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    from dpojax.components import split_params
+    from dpojax.models import UNet2DConditionModel
+    from dpojax.tiny import UNET_SDXL
+
+    torch.manual_seed(0)
+    policy = perturb_(TorchUNet(**UNET_SDXL), seed=1).eval()
+    reference = TorchUNet(**UNET_SDXL).eval()
+    reference.load_state_dict(policy.state_dict())
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(2)
+        for p in reference.parameters():
+            p.add_(distance * p.std().nan_to_num(0.1) * torch.randn(p.shape, generator=gen))
+    return (policy, reference, split_params(load_from_torch(UNet2DConditionModel, UNET_SDXL, policy)),
+            split_params(load_from_torch(UNet2DConditionModel, UNET_SDXL, reference)))
+
+
 def unet_only_components(policy_graph, reference_graph) -> Components:
     """SDXL-shaped Components with the UNets and schedule only: the objectives need nothing else."""
     fields = {f.name: None for f in dataclasses.fields(Components)}
@@ -80,6 +102,18 @@ def unet_only_components(policy_graph, reference_graph) -> Components:
 
 
 # --- the dpojax command in a subprocess ---------------------------------------------------------------------
+
+def pairs_workdir(root: Path, tiny: Path, rows: int, *, eval_rows: int, image_size: int = 32,
+                  splits=None) -> Path:
+    """``root`` holding the tiny pipeline (``root/tiny-sdxl``) and prepared synthetic pairs (``root/pairs``)."""
+    from dpojax.data.pickapic import prepare_pickapic
+    from dpojax.data.synth import write_synthetic_pickapic
+
+    (root / "tiny-sdxl").symlink_to(tiny)
+    write_synthetic_pickapic(root / "synth", rows, seed=0, image_size=image_size, eval_rows=eval_rows)
+    prepare_pickapic(root / "synth", root / "pairs", **({} if splits is None else {"splits": splits}))
+    return root
+
 
 def free_port() -> int:
     with socket.socket() as s:

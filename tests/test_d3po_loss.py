@@ -15,18 +15,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
-from helpers import grads_as_torch, load_from_torch, perturb_, rel_err, unet_only_components
+from helpers import (
+    grads_as_torch,
+    policy_and_nearby_reference,
+    rel_err,
+    unet_only_components,
+)
 
 from dpojax.bench_torch import ddim_log_prob
-from dpojax.components import split_params
 from dpojax.config import D3POConfig
 from dpojax.losses import LN2
-from dpojax.models import UNet2DConditionModel
 from dpojax.pipeline import TextConditioning
 from dpojax.schedule import NoiseSchedule, ddim_prev_timesteps, ddim_timesteps
-from dpojax.tiny import SCHEDULER, TEXT_HIDDEN, UNET_SDXL
+from dpojax.tiny import SCHEDULER, TEXT_HIDDEN
 from dpojax.train.d3po_step import d3po_gradients
 
 PAIRS, STEPS, LATENT = 3, 4, 8
@@ -36,16 +38,8 @@ PREFERENCE = np.array([[1, -1], [-1, 1], [0, 0]], np.int32)  # A wins, B wins, a
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    policy = perturb_(TorchUNet(**UNET_SDXL), seed=1).eval()
-    reference = TorchUNet(**UNET_SDXL).eval()
-    reference.load_state_dict(policy.state_dict())
-    with torch.no_grad():  # a nearby reference: some (pair, step) ratios inside the clamp band, some outside
-        gen = torch.Generator().manual_seed(2)
-        for p in reference.parameters():
-            p.add_(3e-3 * p.std().nan_to_num(0.1) * torch.randn(p.shape, generator=gen))
-    return (policy, reference, split_params(load_from_torch(UNet2DConditionModel, UNET_SDXL, policy)),
-            split_params(load_from_torch(UNet2DConditionModel, UNET_SDXL, reference)))
+    # a nearby reference: some (pair, step) ratios inside the clamp band, some outside
+    return policy_and_nearby_reference(3e-3)
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ import jax
 import numpy as np
 import pytest
 from flax.serialization import msgpack_restore
+from helpers import pairs_workdir
 
 from dpojax import cli, parallel
 from dpojax.components import load_components
 from dpojax.config import ConfigError, DataConfig, load_config
 from dpojax.data.cache import make_cached_loader
-from dpojax.data.pickapic import prepare_pickapic
 from dpojax.data.pipeline import make_pair_loader, open_pairs
-from dpojax.data.synth import write_synthetic_pickapic
 from dpojax.train.step import host_batch, micro_batch_inputs
 
 CONFIG = "configs/tiny_sdxl_dpo.yaml"
@@ -22,11 +21,8 @@ PAIRS = 4
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_sdxl):
-    root = tmp_path_factory.mktemp("cache")
-    (root / "tiny-sdxl").symlink_to(tiny_sdxl)
-    write_synthetic_pickapic(root / "synth", 24, seed=0, image_size=40, eval_rows=8)
-    prepare_pickapic(root / "synth", root / "pairs", splits=("train",))
-    return root
+    return pairs_workdir(tmp_path_factory.mktemp("cache"), tiny_sdxl, 24, eval_rows=8, image_size=40,
+                         splits=("train",))
 
 
 def settings(workdir, **extra) -> list[str]:

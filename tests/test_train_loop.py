@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import cli_env, dpojax_command, implicit_accuracy
+from helpers import cli_env, dpojax_command, implicit_accuracy, pairs_workdir
 from PIL import Image
 from safetensors.numpy import load_file
 
 from dpojax import cli, parallel
 from dpojax.components import load_components, split_params
 from dpojax.config import DataConfig, load_config
-from dpojax.data.pickapic import prepare_pickapic
 from dpojax.data.pipeline import make_pair_loader
-from dpojax.data.synth import preference_score, write_synthetic_pickapic
+from dpojax.data.synth import preference_score
 from dpojax.models import UNet2DConditionModel
 from dpojax.train.samples import policy_pipeline
 
@@ -36,11 +35,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_sdxl):
-    root = tmp_path_factory.mktemp("train_loop")
-    (root / "tiny-sdxl").symlink_to(tiny_sdxl)
-    write_synthetic_pickapic(root / "synth", 64, seed=0, image_size=32, eval_rows=72)
-    prepare_pickapic(root / "synth", root / "pairs")
-    return root
+    return pairs_workdir(tmp_path_factory.mktemp("train_loop"), tiny_sdxl, 64, eval_rows=72)
 
 
 def overrides(workdir: Path, run: str, **extra) -> list[str]:

@@ -16,15 +16,12 @@ import optax
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from diffusers import UNet2DConditionModel as TorchUNet
-from helpers import load_from_torch, perturb_, rel_err, unet_only_components
+from helpers import policy_and_nearby_reference, rel_err, unet_only_components
 
-from dpojax.components import split_params
 from dpojax.config import LossConfig
 from dpojax.losses import LN2
-from dpojax.models import UNet2DConditionModel
 from dpojax.pipeline import TextConditioning
-from dpojax.tiny import SCHEDULER, TEXT_HIDDEN, UNET_SDXL
+from dpojax.tiny import SCHEDULER, TEXT_HIDDEN
 from dpojax.train.step import preference_objective
 
 PAIRS, LATENT = 3, 8
@@ -32,17 +29,8 @@ PAIRS, LATENT = 3, 8
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    policy = perturb_(TorchUNet(**UNET_SDXL), seed=1).eval()
-    reference = TorchUNet(**UNET_SDXL).eval()
-    reference.load_state_dict(policy.state_dict())
-    with torch.no_grad():  # a slightly different reference, so the margin and the loss are not trivial
-        gen = torch.Generator().manual_seed(2)
-        for p in reference.parameters():
-            p.add_(2e-2 * p.std().nan_to_num(0.1) * torch.randn(p.shape, generator=gen))
-    jax_policy = load_from_torch(UNet2DConditionModel, UNET_SDXL, policy)
-    jax_reference = load_from_torch(UNet2DConditionModel, UNET_SDXL, reference)
-    return policy, reference, split_params(jax_policy), split_params(jax_reference)
+    # a slightly different reference, so the margin and the loss are not trivial
+    return policy_and_nearby_reference(2e-2)
 
 
 @pytest.fixture(scope="module")

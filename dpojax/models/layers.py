@@ -66,9 +66,8 @@ def sequenced_checkpoint(fn: Callable) -> Callable:
     ``fn`` only once the cotangent of its output has arrived, and hands its input cotangent on only once all of
     its gradients, the weights' included, exist. Plain checkpointing leaves both free to move, and XLA:CPU's
     memory-optimized scheduler moved every weight gradient of the UNet to the end of the step, keeping the
-    activations they read alive (SDXL plan at 1024 px, one transformer layer per stack: 10.9 GiB of
-    temporaries, 6.1 GiB with the ties). The saved weights stay out of the tie, or the compiler would gather
-    sharded weights early to meet it."""
+    activations they read alive (docs/planner.md). The saved weights stay out of the tie, or the compiler would
+    gather sharded weights early to meet it."""
 
     @jax.custom_vjp
     def call(weights, *inputs):

@@ -95,6 +95,20 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+# The coordination service's barrier waits this long; a device collective gives up after 30 s without its peers.
+BARRIER_TIMEOUT_S = 3600
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``name`` (nothing in one process). Before the first collective of a
+    run: one host's compiles may be cache hits while another's still compile, and the first collective would
+    give up waiting for it."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.get_barrier_sync_fn()(key=name, timeout_ms=BARRIER_TIMEOUT_S * 1000)
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when ``flag`` is true on at least one (e.g. a SIGTERM that reached one host),
     so all of them take the same branch and no collective is left waiting."""

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli_env, dpojax_command, free_port, run_dpojax
+from helpers import cli_env, dpojax_command, free_port, pairs_workdir, run_dpojax
 from safetensors.numpy import load_file
 
 from dpojax import distributed
 from dpojax.config import DataConfig
-from dpojax.data.pickapic import prepare_pickapic
 from dpojax.data.pipeline import make_pair_loader
-from dpojax.data.synth import write_synthetic_pickapic
 from dpojax.feedback.rounds import read_round
 from dpojax.feedback.scorers import brightness
 
@@ -35,11 +33,7 @@ D3PO_CONFIG = Path(__file__).parents[1] / "configs" / "tiny_d3po_brightness.yaml
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_sdxl):
-    root = tmp_path_factory.mktemp("multihost")
-    (root / "tiny-sdxl").symlink_to(tiny_sdxl)
-    write_synthetic_pickapic(root / "synth", 48, seed=0, image_size=32, eval_rows=2)
-    prepare_pickapic(root / "synth", root / "pairs")
-    return root
+    return pairs_workdir(tmp_path_factory.mktemp("multihost"), tiny_sdxl, 48, eval_rows=2)
 
 
 # ------------------------------------------------------------------------------------------- the data split
@@ -203,7 +197,8 @@ def _round(workdir: Path) -> Path:
     round_dir = workdir / "round"
     if not round_dir.exists():
         done = run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, f"model.pretrained={workdir / 'tiny-sdxl'}",
-                          "d3po.seed=3", "d3po.round_prompts=8", "d3po.images_per_prompt=4", "--out", round_dir)
+                          "d3po.seed=3", "d3po.round_prompts=8", "d3po.images_per_prompt=4", "d3po.num_steps=2",
+                          "--out", round_dir)
         assert done.returncode == 0, done.stderr
         images = read_round(round_dir, arrays=False).images
         scores = brightness(images.reshape(-1, *images.shape[2:])).reshape(images.shape[:2])
@@ -213,8 +208,9 @@ def _round(workdir: Path) -> Path:
 
 
 COMMON = {"logging.tensorboard": False, "train.checkpoint_every": 1, "train.keep_checkpoints": 100}
-D3PO_RUN = {**COMMON, "d3po.num_epochs": 2, "d3po.num_batches_per_epoch": 1, "d3po.sample_batch_size": 8,
-            "d3po.eval_every": 0, "train.export": "lora"}  # 8 steps per epoch: a stop lands inside one
+# 4 steps per epoch, so a stop lands inside one; 2 denoising steps keep the compiles short (the update unrolls them)
+D3PO_RUN = {**COMMON, "d3po.num_epochs": 2, "d3po.num_batches_per_epoch": 1, "d3po.sample_batch_size": 4,
+            "d3po.num_steps": 2, "d3po.eval_every": 0, "train.export": "lora"}
 
 
 def _preemption_args(workdir: Path, objective: str, run_dir: Path) -> list:
@@ -227,7 +223,7 @@ def _preemption_args(workdir: Path, objective: str, run_dir: Path) -> list:
     if objective == "d3po":
         values = {**D3PO_RUN, "model.pretrained": workdir / "tiny-sdxl", "d3po.train_batch_size": 1}
         return ["train", D3PO_CONFIG, *(f"{k}={v}" for k, v in {**values, "train.output_dir": run_dir}.items())]
-    values = {**COMMON, "d3po.num_epochs": 3, "d3po.train_batch_size": 1, "train.export": "lora"}
+    values = {**COMMON, "d3po.num_epochs": 2, "d3po.train_batch_size": 1, "train.export": "lora"}
     return ["d3po", "train", _round(workdir), *(f"{k}={v}" for k, v in {**values, "train.output_dir": run_dir}.items())]
 
 

@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dpojax import parallel
 from dpojax.components import Components, Weights, load_components, policy_unet_params
 from dpojax.config import Config
-from dpojax.distributed import any_process
+from dpojax.distributed import any_process, barrier
 from dpojax.train.checkpoint import Checkpointer, abstract_like
 from dpojax.train.metrics import MetricsLog
 from dpojax.train.optim import make_optimizer
@@ -256,6 +256,7 @@ class Run:
         """Compile ``program`` ahead of time, logging its memory and FLOPs, before the first step runs."""
         compiled, seconds = compile_program(program)
         self.log.print(describe_compiled(program.name, compiled, seconds))
+        barrier(f"dpojax: compiled {program.name}")  # no host starts its collectives while another compiles
         return compiled
 
     def loop(self, source: DataSource) -> Loop:

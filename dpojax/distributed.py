@@ -100,9 +100,9 @@ BARRIER_TIMEOUT_S = 3600
 
 
 def barrier(name: str) -> None:
-    """Wait until every process reaches ``name`` (nothing in one process). Before the first collective of a
-    run: one host's compiles may be cache hits while another's still compile, and the first collective would
-    give up waiting for it."""
+    """Wait until every process reaches ``name`` (nothing in one process), through the coordination service,
+    not a device collective: one host may be busy for minutes (its compiles missed the cache, or it writes the
+    export the others wait for), and a collective would give up waiting for it."""
     if jax.process_count() > 1:
         from orbax.checkpoint import multihost
 

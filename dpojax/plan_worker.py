@@ -3,10 +3,10 @@
 XLA:CPU ends a compile by building the dependency graph its thunk runtime executes, in time quadratic in the
 number of operations: SDXL's training step reaches its buffer assignment long before that graph is built
 (profiled: transitive reduction and buffer-conflict checks; docs/planner.md has the times). The plan executes
-nothing, so it stops there: XLA dumps the buffer
-assignment as text (``xla_dump_to``) before building the graph; this process compiles in a thread, reads the
-dump once it is complete, writes its numbers and exits without waiting for the rest. They are the numbers
-``Compiled.memory_analysis()`` reports (``tests/test_plan.py`` checks they are equal).
+nothing, so it stops there: XLA dumps the buffer assignment as text (``xla_dump_to``) before building the
+graph; this process compiles in a thread, reads the dump once it is complete, writes its numbers and exits
+without waiting for the rest. They are the numbers ``Compiled.memory_analysis()`` reports
+(``tests/test_plan.py`` checks they are equal).
 
 Run by ``dpojax.plan.plan_training`` as ``python -m dpojax.plan_worker WORKDIR``: ``WORKDIR/request.pkl``
 holds (config, mesh sizes, architecture folder, device memory in bytes); the result, the ``Plan``'s fields

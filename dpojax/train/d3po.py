@@ -327,8 +327,9 @@ def train(config: Config, *, out=None) -> TrainResult:
         setup = run.setup  # compile
         update = run.compile(update_program(setup))
         sample = run.compile(sampler_program(setup, d3po.sample_batch_size * setup.batch_devices, 2, "sample"))
-        sample_one = run.compile(sampler_program(setup, d3po.eval_batch_size * setup.batch_devices, 1, "evaluate")) \
-            if d3po.eval_every else None
+        sample_one = None  # the evaluation sampler, compiled only when the run evaluates
+        if d3po.eval_every:
+            sample_one = run.compile(sampler_program(setup, d3po.eval_batch_size * setup.batch_devices, 1, "evaluate"))
         data = OnlinePairs(run, sample)  # data, at the checkpoint's position
         pairs_per_step = config.pairs_per_step(setup.batch_devices)
         with run.loop(data) as loop:  # loop

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dpojax import parallel
+from dpojax.distributed import barrier
 from dpojax.weights import legacy_keys, naming
 from dpojax.weights.atomic import atomic_folder
 from dpojax.weights.folder import component_folder, read_config, weight_files
@@ -179,7 +180,7 @@ def save_pretrained(module: nnx.Module, folder: str | Path, *, dtype=None) -> Pa
     if jax.process_index() == 0:
         with atomic_folder(folder) as tmp:
             write_component(tmp, module, state_dict)
-    _barrier("save_pretrained")
+    barrier("dpojax: saved pretrained")
     return Path(folder)
 
 
@@ -205,10 +206,6 @@ def save_pipeline(base: str | Path, folder: str | Path, components: Mapping[str,
             for name, module in components.items():
                 (tmp / name).mkdir()
                 write_component(tmp / name, module, state_dicts[name])
-    _barrier("save_pipeline")
+    barrier("dpojax: saved pipeline")
     return Path(folder)
 
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
+from dpojax.distributed import barrier
 from dpojax.models.lora import LoRASpec
 from dpojax.weights import naming
 from dpojax.weights.atomic import atomic_folder
@@ -52,6 +53,5 @@ def save_lora(adapters: Mapping, folder: str | Path, spec: LoRASpec) -> Path:
         metadata = {"format": "pt", METADATA_KEY: json.dumps(adapter_metadata(spec), indent=2, sort_keys=True)}
         with atomic_folder(folder) as tmp:
             save_file(state_dict, str(tmp / LORA_WEIGHTS_NAME), metadata=metadata)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("save_lora")
+    barrier("dpojax: saved lora")
     return Path(folder)

@@ -125,11 +125,14 @@ def label_pairs(scores: np.ndarray, labeled: np.ndarray) -> tuple[np.ndarray, np
 
 
 def summarize(step_metrics: list[dict], timesteps: np.ndarray) -> dict[str, float]:
-    """Epoch metrics: means of the per-step scalars, the win rate, mean |log ρ| per sampling timestep."""
+    """Epoch metrics: means of the per-step scalars, the win rate, mean |log ρ| per sampling timestep.
+
+    In float64, so metrics restored from a checkpoint's JSON sum to the same bits as the original float32 ones."""
     if not step_metrics:
         return {}
-    out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0] if k not in SUM_METRICS}
-    total = {k: np.sum([np.asarray(m[k]) for m in step_metrics], axis=0) for k in SUM_METRICS}
+    out = {k: float(np.mean(np.asarray([m[k] for m in step_metrics], np.float64)))
+           for k in step_metrics[0] if k not in SUM_METRICS}
+    total = {k: np.sum(np.asarray([m[k] for m in step_metrics], np.float64), axis=0) for k in SUM_METRICS}
     out["win_rate"] = float(total["wins"] / total["decisive"]) if total["decisive"] else 0.0
     for t, s, c in zip(timesteps, total["abs_log_ratio_sum"], total["abs_log_ratio_count"], strict=True):
         if c:
@@ -150,14 +153,17 @@ def global_stats(values: np.ndarray, prefix: str) -> dict[str, float]:
 class EpochPairs:
     """The pairs of the epoch in progress and how far training has gone in it (a harness ``DataSource``).
 
-    ``batches`` are this process's rows of each optimizer step of the epoch; ``taken`` how many are done.
+    ``batches`` are this process's rows of each optimizer step of the epoch; ``taken`` how many are done, and
+    ``step_metrics`` their metrics: a run resumed inside an epoch still summarizes the whole epoch.
     """
 
     def __init__(self, run: Run):
         self.run = run
+        self.timesteps = ddim_timesteps(run.components.schedule, run.config.d3po.num_steps)
         position = run.resumed["data_position"] if run.resumed is not None else {"epoch": 0, "taken": 0}
         self.epoch, self.taken = position["epoch"], position["taken"]
         self.record: dict = position.get("record", {})  # the epoch record so far (evaluation, reward statistics)
+        self.step_metrics = [{k: np.asarray(v) for k, v in m.items()} for m in position.get("step_metrics", [])]
         self.buffer: PairBuffer | None = None
         self.batches: list[np.ndarray] = []
 
@@ -167,10 +173,17 @@ class EpochPairs:
     def global_batch(self, rows: np.ndarray) -> dict[str, jax.Array]:
         return parallel.global_batch(self.buffer.batch(rows), self.run.mesh)
 
-    def step_taken(self) -> bool:
-        """Count one optimizer step of the epoch; returns whether that ended the epoch."""
+    def step_taken(self, metrics: dict) -> dict | None:
+        """Count one optimizer step of the epoch and its (host) metrics; returns the epoch's record (its
+        evaluation, rewards and step metrics) when that step ended the epoch."""
         self.taken += 1
-        return self.epoch_done
+        self.step_metrics.append(metrics)
+        if not self.epoch_done:
+            return None
+        return {"epoch": self.epoch, **self.record, **summarize(self.step_metrics, self.timesteps)}
+
+    def next_epoch(self) -> None:
+        self.epoch, self.taken, self.record, self.step_metrics = self.epoch + 1, 0, {}, []
 
     @property
     def epoch_done(self) -> bool:
@@ -179,7 +192,8 @@ class EpochPairs:
     def position(self) -> dict:
         if self.epoch_done:
             return {"epoch": self.epoch + 1, "taken": 0}
-        return {"epoch": self.epoch, "taken": self.taken, "record": self.record}
+        return {"epoch": self.epoch, "taken": self.taken, "record": self.record,
+                "step_metrics": [{k: np.asarray(v).tolist() for k, v in m.items()} for m in self.step_metrics]}
 
     def arrays(self) -> dict[str, jax.Array] | None:
         return None
@@ -220,7 +234,6 @@ class OnlinePairs(EpochPairs):
         self.sample = sample  # the compiled pair sampler
         d3po = run.config.d3po
         self.prompts_per_batch = d3po.sample_batch_size * run.setup.local_batch_devices
-        self.timesteps = ddim_timesteps(run.components.schedule, d3po.num_steps)
         if self.taken:  # resumed inside an epoch: its pairs were saved with the checkpoint
             self.buffer = self._from_arrays(run.restore_data(self._arrays_target()))
             self.batches = self._epoch_batches()
@@ -246,9 +259,6 @@ class OnlinePairs(EpochPairs):
         self.batches = self._epoch_batches()
         self.record.update(global_stats(np.concatenate(rewards), "reward"),
                            tie_fraction=float(np.mean(np.all(preference == 0, axis=1))))
-
-    def next_epoch(self) -> None:
-        self.epoch, self.taken, self.record = self.epoch + 1, 0, {}
 
     def _epoch_batches(self) -> list[np.ndarray]:
         """``num_inner_epochs`` shuffled passes over this process's pairs, ``train_batch_size`` per device."""
@@ -338,16 +348,11 @@ def train(config: Config, *, out=None) -> TrainResult:
                     if itstime(data.epoch, d3po.eval_every):
                         data.record.update(evaluate(run, sample_one, prompts, scorer, data.epoch))
                     data.start_epoch(prompts, scorer)
-                step_metrics = []
                 for rows in data.remaining():
                     run.state, metrics = update(run.state, run.frozen, data.global_batch(rows))
-                    step_metrics.append(jax.device_get(metrics))
-                    record = None
-                    if data.step_taken():  # the epoch's record: its evaluation, rewards and step metrics
-                        record = {"epoch": data.epoch, **data.record, **summarize(step_metrics, data.timesteps)}
+                    record = data.step_taken(jax.device_get(metrics))
                     show = record is not None and itstime(data.epoch, d3po.log_every, d3po.num_epochs - 1)
-                    if loop.end_step(float(metrics["loss"]), record, pairs=len(step_metrics) * pairs_per_step,
-                                     show=show):
+                    if loop.end_step(float(metrics["loss"]), record, pairs=pairs_per_step, show=show):
                         break
                 if loop.stopping:
                     break
@@ -412,11 +417,10 @@ class RoundPairs(EpochPairs):
         super().__init__(run)
         self.buffer = buffer
         self.per_step = run.config.pairs_per_step(run.setup.batch_devices)
-        self.timesteps = ddim_timesteps(run.components.schedule, run.config.d3po.num_steps)
         self.batches = self._epoch_batches()
 
     def next_epoch(self) -> None:
-        self.epoch, self.taken, self.record = self.epoch + 1, 0, {}
+        super().next_epoch()
         self.batches = self._epoch_batches()
 
     def _epoch_batches(self) -> list[np.ndarray]:
@@ -457,16 +461,11 @@ def train_round(round_dir: str | Path, overrides: list[str] = (), *, out=None) -
         update = run.compile(update_program(run.setup))  # compile
         with run.loop(data) as loop:  # loop
             for _ in range(data.epoch, d3po.num_epochs):
-                step_metrics = []
                 for rows in data.remaining():
                     run.state, metrics = update(run.state, run.frozen, data.global_batch(rows))
-                    step_metrics.append(jax.device_get(metrics))
-                    record = None
-                    if data.step_taken():
-                        record = {"epoch": data.epoch, **summarize(step_metrics, data.timesteps)}
+                    record = data.step_taken(jax.device_get(metrics))
                     show = record is not None and itstime(data.epoch, d3po.log_every, d3po.num_epochs - 1)
-                    if loop.end_step(float(metrics["loss"]), record, pairs=len(step_metrics) * data.per_step,
-                                     show=show):
+                    if loop.end_step(float(metrics["loss"]), record, pairs=data.per_step, show=show):
                         break
                 if loop.stopping:
                     break

@@ -322,6 +322,7 @@ class Loop:
         self.stopping = False
         self._signals = self.stop.installed()
         self._last_log = time.perf_counter()
+        self._pairs_since_log = 0
 
     def __enter__(self) -> Loop:
         self._signals.__enter__()
@@ -334,18 +335,20 @@ class Loop:
 
     def end_step(self, loss: float, record: dict[str, float] | None = None, *, pairs: int = 0,
                  show: bool = False) -> bool:
-        """Count one optimizer step (``run.state`` holds its result): check its loss, write ``record`` (with the
-        pairs trained per second since the previous record), checkpoint and sample at their cadence, and agree
-        with the other processes whether to stop. Returns whether to stop now.
+        """Count one optimizer step of ``pairs`` pairs (``run.state`` holds its result): check its loss, write
+        ``record`` (with the pairs trained per second since the previous record), checkpoint and sample at their
+        cadence, and agree with the other processes whether to stop. Returns whether to stop now.
 
         The record is written before the checkpoint, so a checkpoint's step always has its record."""
         run, train = self.run, self.run.config.train
         run.step += 1
         self._check_finite(loss)
+        self._pairs_since_log += pairs
         if record is not None:
             now = time.perf_counter()
-            run.log.write(run.step, record, pairs_per_second=pairs / (now - self._last_log), show=show)
-            self._last_log = now
+            run.log.write(run.step, record, pairs_per_second=self._pairs_since_log / (now - self._last_log),
+                          show=show)
+            self._last_log, self._pairs_since_log = now, 0
         self.stopping = self.stop.agreed()
         if itstime(run.step, train.checkpoint_every, run.total_steps) or self.stopping:
             self.save()

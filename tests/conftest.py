@@ -1,7 +1,8 @@
-"""Test setup: 8 fake CPU devices so sharding is exercised, fp32 matmuls, no network; the tiny pipelines the
-modules share (session-scoped: no test writes into them)."""
+"""Test setup: 8 fake CPU devices so sharding is exercised, fp32 matmuls, no network; what several modules share
+(session-scoped: no test writes into them): the tiny pipelines, the brightness D3PO run and a headless browser."""
 
 import os
+import shutil
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -28,3 +29,41 @@ def tiny_sd15(tmp_path_factory):
     from dpojax.tiny import write_tiny_pipeline
 
     return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd15", arch="sd15", seed=1)
+
+
+@pytest.fixture(scope="session")
+def d3po_brightness_run(tmp_path_factory, tiny_sdxl):
+    """``dpojax train configs/tiny_d3po_brightness.yaml`` on the tiny SDXL pipeline, as the demo trains it:
+    (its run folder, the finished process)."""
+    from helpers import D3PO_CONFIG, run_dpojax
+
+    root = tmp_path_factory.mktemp("d3po_brightness")
+    (root / "tiny-sdxl").symlink_to(tiny_sdxl)
+    run = root / "run"
+    done = run_dpojax(root, "train", D3PO_CONFIG, f"model.pretrained={root / 'tiny-sdxl'}", f"train.output_dir={run}",
+                      "logging.tensorboard=false")
+    return run, done
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian chromium driven by selenium; in CI it must be there (.ci/run installs it)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    if not (chromium and driver_path and webdriver):
+        missing = "selenium" if chromium and driver_path else "chromium/chromedriver"
+        pytest.fail(f"{missing} is missing: the browser test needs it (apt-get install chromium chromium-driver; "
+                    f"pip install -e '.[test]'; .ci/run does both)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1200,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()

@@ -26,6 +26,7 @@ from dpojax.train.step import denoiser_mse, host_batch, micro_batch_inputs, winn
 from dpojax.weights import io, naming
 
 REPO = Path(__file__).resolve().parents[1]
+D3PO_CONFIG = REPO / "configs" / "tiny_d3po_brightness.yaml"  # the D3PO demo: brighter images win
 
 
 # --- parity with the PyTorch originals ----------------------------------------------------------------------

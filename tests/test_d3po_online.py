@@ -10,16 +10,13 @@ sampling noise; their mean must exceed their standard error several times over. 
 import json
 
 import pytest
-from helpers import paired_change, run_dpojax
-from test_d3po_rounds import CONFIG, workdir  # noqa: F401  (the shared pipeline folder)
+from helpers import paired_change
 
 pytestmark = pytest.mark.slow
 
 
-def test_brightness_rises_and_the_run_exports(workdir):  # noqa: F811
-    run = workdir / "online"
-    done = run_dpojax(workdir, "train", CONFIG, f"model.pretrained={workdir / 'tiny-sdxl'}", f"train.output_dir={run}",
-                  "logging.tensorboard=false")
+def test_brightness_rises_and_the_run_exports(d3po_brightness_run):
+    run, done = d3po_brightness_run  # the session's run (tests/conftest.py), which test_eval.py evaluates too
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r["epoch"] for r in records if "eval_reward_mean" in r]

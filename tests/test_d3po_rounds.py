@@ -14,13 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import paired_change, run_dpojax
+from helpers import D3PO_CONFIG, paired_change, run_dpojax
 
 from dpojax.feedback.labels import read_labels
 from dpojax.feedback.rounds import read_round
 from dpojax.feedback.scorers import brightness
-
-CONFIG = Path(__file__).parents[1] / "configs" / "tiny_d3po_brightness.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +67,7 @@ def test_round_errors_name_the_culprit_and_keep_files(workdir):
     assert len(missing.stderr.strip().splitlines()) == 1
 
     r1 = workdir / "bad_round"
-    done = run_dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1)
+    done = run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, *common(workdir), "--out", r1)
     assert done.returncode == 0, done.stderr
     (r1 / "labels" / "alice.json").write_text(json.dumps([[1, -1, 0, 0]] * 5))  # 5 prompts, the round has 6
     before = digest(r1)
@@ -82,18 +80,19 @@ def test_round_errors_name_the_culprit_and_keep_files(workdir):
     assert wrong_images.returncode == 2 and "alice.json" in wrong_images.stderr and "4 images" in wrong_images.stderr
     assert digest(r1) == before and not (r1 / "train").exists()
 
-    again = run_dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir), "--out", r1)
+    again = run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, *common(workdir), "--out", r1)
     assert again.returncode == 2 and "already exists" in again.stderr and digest(r1) == before
 
 
 def test_scorer_that_raises_is_one_line_and_keeps_checkpoints(workdir):
     run = workdir / "scorer_run"
+    # 2 denoising steps and one batch per epoch: the programs are small, the failure path is the same
     args = common(workdir, **{"train.output_dir": run, "d3po.num_epochs": 1, "d3po.eval_every": 0,
-                              "train.export": "none"})
-    ok = run_dpojax(workdir, "train", CONFIG, *args)
+                              "train.export": "none", "d3po.num_steps": 2, "d3po.num_batches_per_epoch": 1})
+    ok = run_dpojax(workdir, "train", D3PO_CONFIG, *args)
     assert ok.returncode == 0, ok.stderr
     before = digest(run / "checkpoints")
-    failed = run_dpojax(workdir, "train", CONFIG, *args, "d3po.num_epochs=2",
+    failed = run_dpojax(workdir, "train", D3PO_CONFIG, *args, "d3po.num_epochs=2",
                         "d3po.reward=test_d3po_rounds:failing_scorer")
     assert failed.returncode == 2, failed.stderr
     assert "failing_scorer" in failed.stderr and "the scoring service is down" in failed.stderr
@@ -106,7 +105,7 @@ def test_simulated_annotators_make_the_next_round_brighter(workdir):
     per-image differences are the training's effect; their mean must exceed their standard error 3 times over."""
     r1, r2 = workdir / "round1", workdir / "round2"
     size = {"d3po.round_prompts": 24}
-    assert run_dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir, **size), "--out", r1).returncode == 0
+    assert run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, *common(workdir, **size), "--out", r1).returncode == 0
     simulated_labels(r1, "alice")
     simulated_labels(r1, "bob")
     labels = read_labels(r1)
@@ -115,7 +114,7 @@ def test_simulated_annotators_make_the_next_round_brighter(workdir):
     assert trained.returncode == 0, trained.stderr
     final = r1 / "train" / "final"
     assert (final / "model_index.json").is_file()
-    nxt = run_dpojax(workdir, "d3po", "sample", CONFIG, *common(workdir, **size, **{"model.pretrained": final}),
+    nxt = run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, *common(workdir, **size, **{"model.pretrained": final}),
                  "--out", r2)
     assert nxt.returncode == 0, nxt.stderr
     assert read_round(r2, arrays=False).prompts == read_round(r1, arrays=False).prompts

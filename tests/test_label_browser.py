@@ -8,7 +8,6 @@ stopped. Skips only where chromium is absent and CI is not set; in CI it must ru
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,29 +23,6 @@ from dpojax.feedback.rounds import Round, write_round
 pytestmark = pytest.mark.slow
 PROMPTS = ["a red cube", "a blue ball", "a green tree", "a yellow star"]
 K = 3
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        webdriver = None
-    if not (chromium and driver_path and webdriver):
-        missing = "selenium" if chromium and driver_path else "chromium/chromedriver"
-        pytest.fail(f"{missing} is missing: the browser test needs it (apt-get install chromium chromium-driver; "
-                    f"pip install -e '.[test]'; .ci/run does both)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1200,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
 
 
 class LabelServer:

@@ -1,15 +1,15 @@
 """Multi-process training: two local processes with 4 CPU devices each give the single-process 8-device run,
 and a preemption notice that reaches one of them stops both at the same step.
 
-The first end-to-end test runs ``dpojax train`` three times on the tiny SDXL pipeline: one process with 8
-devices for 4 steps; then two processes (``--coordinator/--num-processes/--process-id``, gloo collectives) for
-2 steps, which checkpoint, and again for 4 steps, which resume from that checkpoint. Losses and the exported
-final UNet must equal the single-process run. The preemption test sends SIGTERM to process 1 alone, for
-Diffusion-DPO, online D3PO and a D3PO round: both processes must save the same step and exit with 143, and
-the resumed run must end with the parameters of an uninterrupted two-process run, bit for bit. The unit tests
-check the per-process data split and the detection of the launch environment.
+For Diffusion-DPO, online D3PO and a D3PO round, two processes (``--coordinator/--num-processes/--process-id``,
+gloo collectives) train the tiny SDXL pipeline twice: once uninterrupted, and once with SIGTERM sent to process 1
+alone, after which both processes must save the same step and exit with 143, and a resumed run must end with
+the parameters of the uninterrupted run, bit for bit. The DPO runs also match one process with 8 devices:
+losses and the exported final UNet equal to float rounding. The unit tests check the per-process data split
+and the detection of the launch environment.
 """
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli_env, dpojax_command, free_port, pairs_workdir, run_dpojax
+from helpers import D3PO_CONFIG, cli_env, dpojax_command, free_port, pairs_workdir, run_dpojax
 from safetensors.numpy import load_file
 
 from dpojax import distributed
@@ -28,7 +28,6 @@ from dpojax.feedback.rounds import read_round
 from dpojax.feedback.scorers import brightness
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny_sdxl_dpo.yaml"
-D3PO_CONFIG = Path(__file__).parents[1] / "configs" / "tiny_d3po_brightness.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -93,71 +92,21 @@ def _launch(workdir: Path, name: str, args: list, devices: int, process: tuple[i
     if process is not None:
         args = [*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(process[1]),
                 "--process-id", str(process[0])]
-        name = f"{name}.{process[0]}"
     log = open(workdir / f"{name}.log", "a")  # noqa: SIM115  (closed with the process)
     return subprocess.Popen(dpojax_command(*args), stdout=log, stderr=subprocess.STDOUT,
                             env=cli_env(workdir, devices), cwd=workdir)
 
 
-def _train(workdir: Path, run: str, steps: int, devices: int, process: tuple[int, int] | None = None,
-           port: int = 0, **extra) -> subprocess.Popen:
-    overrides = {"model.pretrained": workdir / "tiny-sdxl", "data.data_dir": workdir / "pairs",
-                 "train.output_dir": workdir / run, "dpo.steps": steps, "train.checkpoint_every": 2,
-                 "dpo.log_every": 1, "dpo.pairs_per_device": 1, "train.export": "unet",
-                 "logging.tensorboard": False, "optim.warmup_steps": 1, "mesh.fsdp": 4, "mesh.data": 2,
-                 # Adam with a tiny eps moves every weight by about ±lr whatever the size of its gradient, so
-                 # last-bit differences of near-zero gradients (the processes' all-reduce sums in another
-                 # order) would become lr-sized; eps 1e-3 keeps the update linear in such gradients.
-                 "optim.eps": 1e-3, **extra}
-    return _launch(workdir, run, ["train", CONFIG, *(f"{k}={v}" for k, v in overrides.items())], devices, process,
-                   port)
+def _two(workdir: Path, name: str, args: list) -> dict[str, subprocess.Popen]:
+    """``dpojax ARGS`` as a job of two processes with 4 devices each, logging to NAME.0.log and NAME.1.log."""
+    port = free_port()
+    return {f"{name}.{i}": _launch(workdir, f"{name}.{i}", args, 4, (i, 2), port) for i in range(2)}
 
 
-def _wait(workdir: Path, procs: dict[str, subprocess.Popen]) -> None:
+def _finish(workdir: Path, procs: dict[str, subprocess.Popen], expected: int = 0) -> None:
     for name, proc in procs.items():
         rc = proc.wait(timeout=900)  # compiling takes 1-3 minutes on 2 busy cores
-        assert rc == 0, (workdir / f"{name}.log").read_text()[-4000:]
-
-
-def _two_processes(workdir: Path, run: str, steps: int) -> None:
-    port = free_port()
-    _wait(workdir, {f"{run}.{i}": _train(workdir, run, steps, 4, (i, 2), port) for i in range(2)})
-
-
-def _metrics(run_dir: Path, name: str) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r[name]) for r in records]
-
-
-@pytest.mark.slow
-def test_two_processes_train_checkpoint_and_resume_like_one(workdir):
-    _wait(workdir, {"single": _train(workdir, "single", 4, 8)})
-    _two_processes(workdir, "multi", 2)
-    multi = workdir / "multi"
-    assert sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
-    _two_processes(workdir, "multi", 4)  # resumes from the step-2 checkpoint written by both processes
-    assert "resumed from" in (workdir / "multi.0.log").read_text()
-    assert "resumed from" not in (workdir / "multi.1.log").read_text()  # only process 0 prints and logs
-    single = workdir / "single"
-    assert [s for s, _ in _metrics(multi, "loss")] == [1, 2, 3, 4]
-    for name in ("model_mse_w", "model_mse_l", "ref_mse"):  # the forward passes agree to float rounding
-        np.testing.assert_allclose(_metrics(multi, name), _metrics(single, name), rtol=1e-5, atol=0, err_msg=name)
-    # The loss takes beta/2 (5000 here) times a difference of MSE differences (~3e-5 of MSEs ~1.4), so the
-    # MSEs' last-bit rounding (the processes sum in another order) shows in it at ~1e-4 relative (measured 3.6e-4).
-    np.testing.assert_allclose(_metrics(multi, "loss"), _metrics(single, "loss"), rtol=1e-3, atol=0)
-    want = load_file(single / "final" / "diffusion_pytorch_model.safetensors")
-    got = load_file(multi / "final" / "diffusion_pytorch_model.safetensors")
-    assert got.keys() == want.keys()
-    # lr 5e-5 for 4 steps moves a weight by up to ~2e-4; the processes' sums in another order leave the two
-    # runs' weights up to ~1e-7 apart (measured 1.2e-7), far below what training moved them.
-    for key in want:
-        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    assert any(not np.array_equal(want[key], load_file(workdir / "tiny-sdxl" / "unet" /
-                                                       "diffusion_pytorch_model.safetensors")[key])
-               for key in want)  # training moved the weights
-
-
-# ----------------------------------------------------------------- a preemption notice that reaches one host
+        assert rc == expected, (workdir / f"{name}.log").read_text()[-4000:]
 
 
 def _steps_saved(run_dir: Path) -> list[int]:
@@ -165,28 +114,16 @@ def _steps_saved(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-def _two(workdir: Path, name: str, args: list) -> list[subprocess.Popen]:
-    port = free_port()
-    return [_launch(workdir, name, args, 4, (i, 2), port) for i in range(2)]
-
-
-def _finish(workdir: Path, name: str, procs: list[subprocess.Popen], expected: int) -> None:
-    for i, proc in enumerate(procs):
-        rc = proc.wait(timeout=900)
-        assert rc == expected, (workdir / f"{name}.{i}.log").read_text()[-4000:]
-
-
-def _sigterm_process_1_once_a_step_is_saved(workdir: Path, name: str, run_dir: Path,
-                                            procs: list[subprocess.Popen]) -> int:
+def _sigterm_process_1_once_a_step_is_saved(workdir: Path, run_dir: Path, procs: dict[str, subprocess.Popen]) -> int:
     """Wait for the first checkpoint, SIGTERM process 1 only; both must stop with 143 at the same saved step."""
     deadline = time.monotonic() + 900
     while not _steps_saved(run_dir):
-        assert all(p.poll() is None for p in procs), "a process ended before its first checkpoint"
+        assert all(p.poll() is None for p in procs.values()), "a process ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.05)
-    procs[1].send_signal(signal.SIGTERM)
-    _finish(workdir, name, procs, 128 + signal.SIGTERM)
-    logs = [(workdir / f"{name}.{i}.log").read_text() for i in range(2)]
+    list(procs.values())[1].send_signal(signal.SIGTERM)
+    _finish(workdir, procs, 128 + signal.SIGTERM)
+    logs = [(workdir / f"{name}.log").read_text() for name in procs]
     stopped = [int(log.split("stopped by SIGTERM at step ")[1].split(";")[0]) for log in logs]
     assert stopped[0] == stopped[1] == _steps_saved(run_dir)[-1], stopped  # both saved the step both name
     return stopped[0]
@@ -208,23 +145,107 @@ def _round(workdir: Path) -> Path:
 
 
 COMMON = {"logging.tensorboard": False, "train.checkpoint_every": 1, "train.keep_checkpoints": 100}
-# 4 steps per epoch, so a stop lands inside one; 2 denoising steps keep the compiles short (the update unrolls them)
+# DPO shards the weights over 4 devices inside each process (fsdp) and the batch across the processes too.
+DPO_RUN = {**COMMON, "dpo.steps": 4, "dpo.pairs_per_device": 1, "dpo.log_every": 1, "train.export": "unet",
+           "optim.warmup_steps": 1, "mesh.data": 2, "mesh.fsdp": 4,
+           # Adam with a tiny eps moves every weight by about ±lr whatever the size of its gradient, so last-bit
+           # differences of near-zero gradients (one process sums in another order than two) would become
+           # lr-sized; eps 1e-3 keeps the update linear in such gradients.
+           "optim.eps": 1e-3}
+# D3PO: 4 steps per epoch, so a stop lands inside one; 2 denoising steps keep the compiles short (the update
+# unrolls them). Data parallel over all 8 devices: the processes' collectives go through gloo over TCP, where
+# the per-layer weight gathers of fsdp would cost more than the rest of the run.
 D3PO_RUN = {**COMMON, "d3po.num_epochs": 2, "d3po.num_batches_per_epoch": 1, "d3po.sample_batch_size": 4,
-            "d3po.num_steps": 2, "d3po.eval_every": 0, "train.export": "lora"}
+            "d3po.num_steps": 2, "d3po.eval_every": 0, "d3po.train_batch_size": 1, "train.export": "lora",
+            "mesh.data": 8, "mesh.fsdp": 1}
+ROUNDS_RUN = {**COMMON, "d3po.num_epochs": 2, "d3po.train_batch_size": 1, "train.export": "lora", "mesh.data": 8,
+              "mesh.fsdp": 1}
 
 
-def _preemption_args(workdir: Path, objective: str, run_dir: Path) -> list:
+def _args(workdir: Path, objective: str, run_dir: Path) -> list:
     """The ``dpojax`` arguments of one run of each kind, writing to ``run_dir``."""
+    pretrained = workdir / "tiny-sdxl"
     if objective == "dpo":
-        values = {**COMMON, "model.pretrained": workdir / "tiny-sdxl", "data.data_dir": workdir / "pairs",
-                  "dpo.steps": 8, "dpo.pairs_per_device": 1, "train.export": "unet", "optim.warmup_steps": 1,
-                  "mesh.data": 2, "mesh.fsdp": 4}
-        return ["train", CONFIG, *(f"{k}={v}" for k, v in {**values, "train.output_dir": run_dir}.items())]
-    if objective == "d3po":
-        values = {**D3PO_RUN, "model.pretrained": workdir / "tiny-sdxl", "d3po.train_batch_size": 1}
-        return ["train", D3PO_CONFIG, *(f"{k}={v}" for k, v in {**values, "train.output_dir": run_dir}.items())]
-    values = {**COMMON, "d3po.num_epochs": 2, "d3po.train_batch_size": 1, "train.export": "lora"}
-    return ["d3po", "train", _round(workdir), *(f"{k}={v}" for k, v in {**values, "train.output_dir": run_dir}.items())]
+        values = {**DPO_RUN, "model.pretrained": pretrained, "data.data_dir": workdir / "pairs"}
+        command = ["train", CONFIG]
+    elif objective == "d3po":
+        values, command = {**D3PO_RUN, "model.pretrained": pretrained}, ["train", D3PO_CONFIG]
+    else:
+        values, command = ROUNDS_RUN, ["d3po", "train", _round(workdir)]
+    return [*command, *(f"{k}={v}" for k, v in {**values, "train.output_dir": run_dir}.items())]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preempted:
+    """Two two-process runs of one objective: ``uninterrupted``, and ``interrupted``: SIGTERM to process 1 once a
+    step was saved (both stopped at ``stopped``), then resumed to the end (logs ``resumed_logs``)."""
+
+    uninterrupted: Path
+    interrupted: Path
+    stopped: int
+    resumed_logs: list[str]
+
+
+@pytest.fixture(scope="module")
+def preempted(workdir):
+    """``preempted(objective)``: the objective's runs, made once for the module's tests."""
+    made = {}
+
+    def runs(objective: str) -> Preempted:
+        if objective not in made:
+            uninterrupted, interrupted = workdir / f"{objective}_whole", workdir / f"{objective}_stopped"
+            _finish(workdir, _two(workdir, f"{objective}_whole", _args(workdir, objective, uninterrupted)))
+            args = _args(workdir, objective, interrupted)
+            stopped = _sigterm_process_1_once_a_step_is_saved(workdir, interrupted,
+                                                             _two(workdir, f"{objective}_stopped", args))
+            _finish(workdir, _two(workdir, f"{objective}_resumed", args))
+            logs = [(workdir / f"{objective}_resumed.{i}.log").read_text() for i in range(2)]
+            made[objective] = Preempted(uninterrupted, interrupted, stopped, logs)
+        return made[objective]
+
+    return runs
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl without its wall-clock fields."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "pairs_per_second")} for r in records]
+
+
+def _metrics(run_dir: Path, name: str) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[name]) for r in records]
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_resume_like_one(workdir, preempted):
+    """One process with 8 devices and two processes with 4 each (stopped, resumed from the step both saved)
+    make the same steps: losses and the exported final UNet agree to float rounding."""
+    single = workdir / "dpo_single"
+    _finish(workdir, {"dpo_single": _launch(workdir, "dpo_single", _args(workdir, "dpo", single), 8)})
+    runs = preempted("dpo")
+    assert "resumed from" in runs.resumed_logs[0]
+    assert "resumed from" not in runs.resumed_logs[1]  # only process 0 prints and logs
+    multi = runs.interrupted
+    assert [s for s, _ in _metrics(multi, "loss")] == [1, 2, 3, 4]
+    for name in ("model_mse_w", "model_mse_l", "ref_mse"):  # the forward passes agree to float rounding
+        np.testing.assert_allclose(_metrics(multi, name), _metrics(single, name), rtol=1e-5, atol=0, err_msg=name)
+    # The loss takes beta/2 (5000 here) times a difference of MSE differences (~3e-5 of MSEs ~1.4), so the
+    # MSEs' last-bit rounding (the processes sum in another order) shows in it at ~1e-4 relative (measured 6.4e-4).
+    np.testing.assert_allclose(_metrics(multi, "loss"), _metrics(single, "loss"), rtol=1e-3, atol=0)
+    want = load_file(single / "final" / "diffusion_pytorch_model.safetensors")
+    got = load_file(multi / "final" / "diffusion_pytorch_model.safetensors")
+    assert got.keys() == want.keys()
+    # lr 5e-5 for 4 steps moves a weight by up to ~2e-4; the processes' sums in another order leave the two
+    # runs' weights up to ~1e-7 apart (measured 1.2e-7), far below what training moved them.
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert any(not np.array_equal(want[key], load_file(workdir / "tiny-sdxl" / "unet" /
+                                                       "diffusion_pytorch_model.safetensors")[key])
+               for key in want)  # training moved the weights
+
+
+# ----------------------------------------------------------------- a preemption notice that reaches one host
 
 
 FINAL_FILE = {"dpo": "diffusion_pytorch_model.safetensors", "d3po": "pytorch_lora_weights.safetensors",
@@ -233,24 +254,19 @@ FINAL_FILE = {"dpo": "diffusion_pytorch_model.safetensors", "d3po": "pytorch_lor
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "d3po", "rounds"])
-def test_sigterm_to_one_process_stops_both_and_the_resumed_run_is_exact(workdir, objective):
+def test_sigterm_to_one_process_stops_both_and_the_resumed_run_is_exact(preempted, objective):
     """SIGTERM reaches process 1 of two: both save the same step and exit with 143 (the stop is agreed across
     processes after every optimizer step), and the resumed run ends with the final parameters of an
     uninterrupted two-process run bit for bit: same programs on the same devices, same data position (D3PO:
     the samples of the epoch in progress travel in the checkpoint), so no arithmetic differs."""
-    uninterrupted, interrupted = workdir / f"{objective}_whole", workdir / f"{objective}_stopped"
-    _finish(workdir, f"{objective}_whole", _two(workdir, f"{objective}_whole",
-                                                _preemption_args(workdir, objective, uninterrupted)), 0)
-    args = _preemption_args(workdir, objective, interrupted)
-    stopped = _sigterm_process_1_once_a_step_is_saved(workdir, f"{objective}_stopped", interrupted,
-                                                     _two(workdir, f"{objective}_stopped", args))
-    _finish(workdir, f"{objective}_resumed", _two(workdir, f"{objective}_resumed", args), 0)
-    assert f"resumed from {interrupted / 'checkpoints' / str(stopped)}" in (
-        workdir / f"{objective}_resumed.0.log").read_text()
-    want = load_file(uninterrupted / "final" / FINAL_FILE[objective])
-    got = load_file(interrupted / "final" / FINAL_FILE[objective])
+    runs = preempted(objective)
+    assert f"resumed from {runs.interrupted / 'checkpoints' / str(runs.stopped)}" in runs.resumed_logs[0]
+    want = load_file(runs.uninterrupted / "final" / FINAL_FILE[objective])
+    got = load_file(runs.interrupted / "final" / FINAL_FILE[objective])
     assert got.keys() == want.keys()
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (runs.interrupted / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # one record per logged step, no replays
+    # and the same records as the uninterrupted run (a D3PO epoch cut by the stop is summarized whole)
+    assert _records(runs.interrupted) == _records(runs.uninterrupted)

@@ -228,9 +228,16 @@ class D3POConfig:
                                  "and after the last epoch (0: never)", NON_NEGATIVE)
     eval_batch_size: int = _field(10, "images per device per evaluation", POSITIVE)
     reward: str = _field("jpeg_compressibility", "the reward proxy: brightness, jpeg_compressibility, "
-                                                 "jpeg_incompressibility, aesthetic, a 'package.module:callable', "
-                                                 "or several joined by ',' (a vector reward, Pareto-compared)")
-    clip_model: str | None = _field(None, "the aesthetic reward's local transformers CLIP ViT-L/14 folder")
+                                                 "jpeg_incompressibility, aesthetic, pickscore, clip_score (100 "
+                                                 "max(cos, 0)), clip_cosine, a 'package.module:callable', or several "
+                                                 "joined by ',' (a vector reward, Pareto-compared)")
+    clip_model: str | None = _field(None, "a local transformers CLIP folder: CLIP ViT-L/14 for the aesthetic reward, "
+                                          "any CLIPModel for clip_score and clip_cosine")
+    clip_processor: str | None = _field(None, "clip_score/clip_cosine: the folder with the CLIP tokenizer and "
+                                              "processor files (default: clip_model)")
+    pickscore_model: str | None = _field(None, "the pickscore reward's local PickScore_v1 folder (a CLIPModel)")
+    pickscore_processor: str | None = _field(None, "the pickscore reward's tokenizer and processor folder "
+                                                   "(CLIP-ViT-H-14-laion2B-s32B-b79K; default: pickscore_model)")
     aesthetic_head: str | None = _field(None, "the aesthetic reward's LAION predictor weights (.safetensors, or "
                                               ".pth with torch installed)")
     prompts: tuple[str, ...] = _field((), "prompts drawn uniformly with replacement ...")

@@ -102,6 +102,17 @@ def unet_only_components(policy_graph, reference_graph) -> Components:
                          "compute_dtype": jnp.float32})
 
 
+def patterned_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 (n, height, width, 3): smooth patterns plus noise, so resizing matters and JPEG sizes differ."""
+    y, x = np.mgrid[:height, :width]
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        base = np.stack([127 + 100 * np.sin(x / (3 + i) + c) * np.cos(y / (5 + c)) for c in range(3)], -1)
+        out.append(np.clip(base + rng.randn(height, width, 3) * 15 * i, 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
 # --- the dpojax command in a subprocess ---------------------------------------------------------------------
 
 def pairs_workdir(root: Path, tiny: Path, rows: int, *, eval_rows: int, image_size: int = 32,

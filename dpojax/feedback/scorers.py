@@ -59,12 +59,25 @@ def _aesthetic(clip_model: str | None = None, head: str | None = None, batch_siz
     return AestheticScorer.from_files(clip_model, head, batch_size=batch_size)
 
 
+def _clip_similarity(name: str) -> Callable[..., ScoreFn]:
+    """The factory of a CLIP-similarity reward, imported when it is built (jax and transformers load then)."""
+    def factory(**options: Any) -> ScoreFn:
+        from dpojax.feedback.clip_scorers import FACTORIES
+
+        return FACTORIES[name](**options)
+
+    return factory
+
+
 # name -> (factory taking the scorer's options, the option names it accepts)
 BUILTIN: dict[str, tuple[Callable[..., ScoreFn], tuple[str, ...]]] = {
     "brightness": (lambda: brightness, ()),
     "jpeg_compressibility": (lambda: jpeg_compressibility, ()),
     "jpeg_incompressibility": (lambda: jpeg_kilobytes, ()),
     "aesthetic": (_aesthetic, ("clip_model", "head", "batch_size")),
+    "pickscore": (_clip_similarity("pickscore"), ("pickscore_model", "pickscore_processor", "batch_size", "mesh")),
+    "clip_score": (_clip_similarity("clip_score"), ("clip_model", "clip_processor", "batch_size", "mesh")),
+    "clip_cosine": (_clip_similarity("clip_cosine"), ("clip_model", "clip_processor", "batch_size", "mesh")),
 }
 
 
@@ -72,8 +85,9 @@ def make_scorer(spec: str, **options: Any) -> Scorer:
     """Build a scorer from ``spec``: a built-in name, ``package.module:callable``, or several joined by ``,``.
 
     Several specs make a vector reward (one column each, compared by Pareto dominance). Options go to the
-    built-ins that name them (``aesthetic``: clip_model, head, batch_size); the others go to user callables,
-    which are then factories: ``callable(**options)`` must return the scoring function.
+    built-ins that name them (``aesthetic``: clip_model, head, batch_size; ``pickscore``: pickscore_model,
+    pickscore_processor; ``clip_score``/``clip_cosine``: clip_model, clip_processor; the CLIP ones also mesh);
+    the others go to user callables, which are then factories: ``callable(**options)`` must return the scoring function.
     """
     parts = [part.strip() for part in str(spec).split(",")]
     if not all(parts):

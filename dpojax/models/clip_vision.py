@@ -136,24 +136,81 @@ def load_clip_vision(folder: str | Path, *, dtype=jnp.float32) -> CLIPVisionMode
     return model
 
 
+# Pillow's 8-bit resampling keeps coefficients in fixed point with this many fractional bits: 8 for the pixel,
+# 2 spare for the bicubic kernel's overshoot, within an int32 accumulator.
+_PRECISION_BITS = 32 - 8 - 2
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic with a = -0.5, each branch in Pillow's operation order so the doubles round alike."""
+    a, x = -0.5, np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _pil_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) int32 fixed-point weights of Pillow's bicubic resampling along one axis (Pillow's
+    Resample.c: precompute_coeffs, then normalize_coeffs_8bpc); zero outside each output pixel's window."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    center = (np.arange(out_size) + 0.5) * scale
+    # C's (int) truncates toward zero; the window starts are clamped to the image afterwards.
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    xmax = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64)
+    x = np.arange(in_size)
+    inside = (x >= xmin[:, None]) & (x < xmax[:, None])
+    weights = np.where(inside, _bicubic((x - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+    # Pillow sums left to right; cumsum does too (NumPy's sum is pairwise), so the totals round alike.
+    weights = weights / np.cumsum(weights, axis=1)[:, -1:]
+    fixed = weights * (1 << _PRECISION_BITS)
+    return np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5)).astype(np.int32)
+
+
+def _pil_resize_axis(images: jax.Array, axis: int, out_size: int) -> jax.Array:
+    """One of Pillow's two 8-bit passes: exact int32 sums (with the rounding half), shift, clip to uint8."""
+    weights = jnp.asarray(_pil_bicubic_weights(images.shape[axis], out_size))
+    summed = jnp.tensordot(images.astype(jnp.int32), weights, axes=[[axis], [1]], preferred_element_type=jnp.int32)
+    summed = jnp.moveaxis(summed, -1, axis) + (1 << (_PRECISION_BITS - 1))
+    return jnp.clip(summed >> _PRECISION_BITS, 0, 255).astype(jnp.uint8)
+
+
+def pil_bicubic_resize(images: jax.Array, height: int, width: int) -> jax.Array:
+    """uint8 (N, H, W, C) -> uint8 (N, height, width, C), bit for bit PIL's ``resize(..., BICUBIC)`` without
+    ``reducing_gap``: two separable passes, each rounded to uint8, and an unchanged axis skipped."""
+    _, in_h, in_w, _ = images.shape
+    # Pillow 13 resizes the height first when it shrinks by more than twice as many pixels as the width (older Pillow
+    # always resized the width first); the rounding between the passes makes the order visible.
+    height_first = height < in_h and 2 * (in_w - width) < in_h - height
+    axes = ((1, height), (2, width)) if height_first else ((2, width), (1, height))
+    for axis, size in axes:
+        if images.shape[axis] != size:
+            images = _pil_resize_axis(images, axis, size)
+    return images
+
+
+def _normalise_table() -> np.ndarray:
+    """(256, 3) float32: every uint8 level of each channel, rescaled and normalised in transformers' dtypes (the
+    product with 1/255 in float64, then float32 arithmetic), so a lookup reproduces its processor bit for bit."""
+    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None]
+    return (levels - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+
+
 def clip_preprocess(images: np.ndarray | jax.Array, size: int = 224) -> jax.Array:
     """uint8 (N, H, W, 3) -> normalised float32 (N, size, size, 3), as CLIPImageProcessor does it.
 
-    Resize so the shorter side is ``size`` (bicubic, antialiased, the longer side truncated as transformers does), crop
-    the centre, scale to [0, 1] and normalise with CLIP's mean and std.
+    Resize so the shorter side is ``size`` (PIL's bicubic, reproduced exactly; the longer side truncated as
+    transformers does), crop the centre, scale to [0, 1] and normalise with CLIP's mean and std.
     """
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"CLIP preprocessing: images must be (N, H, W, 3), got shape {images.shape}")
-    n, h, w, _ = images.shape
+    _, h, w, _ = images.shape
     short, long = min(h, w), max(h, w)
     new_long = int(size * long / short)
     new_h, new_w = (size, new_long) if h <= w else (new_long, size)
-    # PIL (the processor's resizer) filters rows, then columns, rounding to uint8 after each pass; doing the
-    # same makes the result equal to it but for rare one-level differences.
-    resized = images.astype(jnp.float32)
-    for shape in ((n, h, new_w, 3), (n, new_h, new_w, 3)):
-        resized = jnp.clip(jnp.round(jax.image.resize(resized, shape, "bicubic", antialias=True)), 0, 255)
+    resized = pil_bicubic_resize(images, new_h, new_w)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    crop = resized[:, top:top + size, left:left + size]
-    return (crop / 255.0 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+    crop = resized[:, top:top + size, left:left + size].astype(jnp.int32)
+    return jnp.asarray(_normalise_table())[crop, jnp.arange(3)]

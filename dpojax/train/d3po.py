@@ -85,8 +85,9 @@ def make_reward(config: Config):
                                                                                     d3po.aesthetic_head):
         raise ConfigError("config: d3po.reward 'aesthetic' needs d3po.clip_model (a local CLIP ViT-L/14 folder) and "
                           "d3po.aesthetic_head (the LAION predictor's weights)")
-    options = {k: v for k, v in (("clip_model", d3po.clip_model), ("head", d3po.aesthetic_head)) if v is not None}
-    return make_scorer(d3po.reward, **options)
+    options = {"clip_model": d3po.clip_model, "head": d3po.aesthetic_head, "clip_processor": d3po.clip_processor,
+               "pickscore_model": d3po.pickscore_model, "pickscore_processor": d3po.pickscore_processor}
+    return make_scorer(d3po.reward, **{k: v for k, v in options.items() if v is not None})
 
 
 def draw_prompts(prompts: list[str], count: int, seed: list[int]) -> list[str]:

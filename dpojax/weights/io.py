@@ -135,7 +135,7 @@ def _read_array(handle, key: str, nnx_path: tuple, abstract: jax.ShapeDtypeStruc
             torch_index = index if to_torch is None else tuple(index[axis] for axis in to_torch)
             block = tensor[torch_index] if shape else handle.get_tensor(key)
             block = block if from_torch is None else block.transpose(from_torch)
-            cache[cache_key] = np.ascontiguousarray(block, dtype=target)
+            cache[cache_key] = np.require(block, dtype=target, requirements="C")  # keeps 0-d tensors 0-d
         return cache[cache_key]
 
     return jax.make_array_from_callback(shape, sharding, read)

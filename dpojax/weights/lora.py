@@ -36,7 +36,8 @@ def lora_state_dict(adapters: Mapping, prefix: str = PREFIX) -> dict[str, np.nda
     for path, value in nnx.traversals.flatten_mapping(host).items():
         value = np.asarray(value)
         perm = naming.to_torch_perm(path, value.ndim)
-        out[f"{prefix}.{naming.torch_key(path)}"] = np.ascontiguousarray(value.transpose(perm) if perm else value)
+        value = value.transpose(perm) if perm else value
+        out[f"{prefix}.{naming.torch_key(path)}"] = np.require(value, requirements="C")
     return out
 
 

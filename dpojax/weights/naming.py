@@ -49,7 +49,7 @@ def to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         value = np.asarray(var.get_value())
         perm = to_torch_perm(path, value.ndim)
-        out[torch_key(path)] = np.ascontiguousarray(value.transpose(perm) if perm else value)
+        out[torch_key(path)] = np.require(value.transpose(perm) if perm else value, requirements="C")
     return out
 
 

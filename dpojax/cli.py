@@ -98,11 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dpojax.bench import register_cli as register_bench
     from dpojax.data.cli import register_cli as register_data
+    from dpojax.evaluate.cli import register_cli as register_eval
     from dpojax.feedback.cli import register_cli as register_feedback
     from dpojax.train.cli import register_cli as register_train
 
     register_bench(sub)
     register_data(sub)
+    register_eval(sub)
     register_feedback(sub)
     register_train(sub)
     return parser

@@ -9,8 +9,6 @@ the policy UNet; it records the whole trajectory and per-step log-probs when ask
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from dpojax.diffusers_folder import PipelineFolder, read_pipeline_folder, tokeni
 from dpojax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from dpojax.models.unet import UNet2DConditionModel
 from dpojax.models.vae import AutoencoderKL
+from dpojax.weights.atomic import atomic_file
 
 
 @jax.tree_util.register_dataclass
@@ -272,14 +271,8 @@ class Pipeline:
 def write_png(image: np.ndarray, path: str | Path) -> Path:
     """Write one uint8 HWC image; the file appears whole or not at all (a temp file renamed into place)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.asarray(image)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        Image.fromarray(np.asarray(image)).save(f, format="PNG")
     return path
 
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dpojax.feedback.rounds import RoundInfo, round_info
+from dpojax.weights.atomic import atomic_file
 
 ANNOTATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 Entries = list[list[float] | None]
@@ -108,20 +107,6 @@ def write_entries(info: RoundInfo, annotator: str, entries: Entries) -> Path:
     path = label_path(info, annotator)
     path.parent.mkdir(exist_ok=True)
     text = json.dumps(entries, separators=(",", ":")) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path, durable=True) as f:
+        f.write(text)
     return path

@@ -1,4 +1,4 @@
-"""All-or-nothing folder writes: a failed write never leaves a half-written or damaged folder."""
+"""All-or-nothing writes of folders and files: a failed write never leaves a half-written or damaged one."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 
 def _fsync_tree(root: Path) -> None:
@@ -55,3 +56,31 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, mode: str = "w", *, durable: bool = False) -> Iterator[IO]:
+    """Yield a temporary sibling file opened with ``mode``; on success it replaces ``target`` in one rename, so
+    readers see the old file or the new one, never a part. ``durable``: also on disk before returning (fsync of
+    the file and its folder), for what a person made and cannot redo."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result should look like any open()'d file
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

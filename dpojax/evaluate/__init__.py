@@ -1,0 +1,1 @@
+"""``dpojax eval``: does a trained model beat its reference? Cached samples, scores, win rates with intervals."""

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterable
+from io import BytesIO
 from pathlib import Path
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
+from PIL import Image
 
 from dpojax import parallel
 from dpojax import schedule as sched
@@ -111,6 +113,30 @@ def patterned_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarr
         base = np.stack([127 + 100 * np.sin(x / (3 + i) + c) * np.cos(y / (5 + c)) for c in range(3)], -1)
         out.append(np.clip(base + rng.randn(height, width, 3) * 15 * i, 0, 255))
     return np.stack(out).astype(np.uint8)
+
+
+# --- Pick-a-Pic shards and prepared datasets ---------------------------------------------------------------
+
+def decode_image(data: bytes) -> np.ndarray:
+    """An encoded image's RGB pixels."""
+    return np.asarray(Image.open(BytesIO(data)).convert("RGB"))
+
+
+def shard_rows(src: Path, split: str = "train") -> list[dict]:
+    """Every row of a Pick-a-Pic-schema split's parquet shards."""
+    import pyarrow.parquet as pq
+
+    from dpojax.data.schema import split_files
+
+    return [row for path in split_files(src, split) for row in pq.read_table(path).to_pylist()]
+
+
+def prepared_examples(report, split: str = "train") -> list[dict]:
+    """Every example of a ``dpojax data prepare`` dataset (its report) split."""
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(report.dataset_name, split=split, data_dir=str(report.data_dir.parents[2]))
+    return [source[i] for i in range(len(source))]
 
 
 # --- the dpojax command in a subprocess ---------------------------------------------------------------------

@@ -4,13 +4,11 @@ The truth is read straight from the parquet files with pyarrow and PIL, independ
 """
 
 import argparse
-import io
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import tensorflow_datasets as tfds
-from PIL import Image
+from helpers import decode_image, prepared_examples, shard_rows
 
 from dpojax.data.cli import register_cli
 from dpojax.data.pickapic import prepare_pickapic
@@ -20,22 +18,9 @@ from dpojax.data.synth import preference_score, write_synthetic_pickapic
 ROWS, TIES, CORRUPT, MISSING = 40, 4, 2, 2
 
 
-def _decode(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def _rows(src, split="train") -> list[dict]:
-    return [row for path in split_files(src, split) for row in pq.read_table(path).to_pylist()]
-
-
-def _examples(report, split="train") -> list[dict]:
-    source = tfds.data_source(report.dataset_name, split=split, data_dir=str(report.data_dir.parents[2]))
-    return [source[i] for i in range(len(source))]
-
-
 def _clean_decodes(data) -> bool:
     try:
-        _decode(data)
+        decode_image(data)
     except OSError:
         return False
     return True
@@ -61,7 +46,7 @@ def test_synthetic_shards_follow_the_schema_and_the_brightness_rule(src):
     assert {s: len(split_files(src, s)) for s in ("validation", "validation_unique")} == {
         "validation": 1, "validation_unique": 1}
     assert pq.read_schema(files[0]).names == PICKAPIC_SCHEMA.names
-    rows = _rows(src)
+    rows = shard_rows(src)
     labels = np.array([r["label_0"] for r in rows])
     assert len(rows) == ROWS and set(labels) == {0.0, 0.5, 1.0} and np.sum(labels == 0.5) == TIES
     np.testing.assert_array_equal([r["label_1"] for r in rows], 1.0 - labels)
@@ -70,7 +55,7 @@ def test_synthetic_shards_follow_the_schema_and_the_brightness_rule(src):
              if r["label_0"] != 0.5 and _clean_decodes(r["jpg_0"]) and _clean_decodes(r["jpg_1"])]
     assert len(clean) == ROWS - TIES - CORRUPT
     for r in clean:
-        s0, s1 = preference_score(_decode(r["jpg_0"])), preference_score(_decode(r["jpg_1"]))
+        s0, s1 = preference_score(decode_image(r["jpg_0"])), preference_score(decode_image(r["jpg_1"]))
         assert (s0 > s1 + 0.15) if r["label_0"] == 1.0 else (s1 > s0 + 0.15)
 
 
@@ -79,8 +64,8 @@ def test_prepare_puts_the_winner_first_and_counts_every_skip(src, prepared):
                                         "corrupt_image": CORRUPT, "missing_caption": MISSING}
     assert prepared.counts["validation"]["rows"] == prepared.counts["validation"]["kept"] + \
         prepared.counts["validation"].get("tie", 0)
-    by_uid = {r[f"image_{i}_uid"]: (r, i) for r in _rows(src) for i in (0, 1)}
-    examples = _examples(prepared)
+    by_uid = {r[f"image_{i}_uid"]: (r, i) for r in shard_rows(src) for i in (0, 1)}
+    examples = prepared_examples(prepared)
     assert len(examples) == prepared.counts["train"]["kept"]
     swapped = 0
     for ex in examples:
@@ -88,7 +73,7 @@ def test_prepare_puts_the_winner_first_and_counts_every_skip(src, prepared):
         assert row[f"label_{side}"] == 1.0 and ex["label_w"] == 1.0
         assert ex["jpg_w"] == row[f"jpg_{side}"] and ex["jpg_l"] == row[f"jpg_{1 - side}"]  # original bytes
         assert ex["caption"].decode() == row["caption"]
-        assert preference_score(_decode(ex["jpg_w"])) > preference_score(_decode(ex["jpg_l"]))
+        assert preference_score(decode_image(ex["jpg_w"])) > preference_score(decode_image(ex["jpg_l"]))
         swapped += side == 1
     assert 0 < swapped < len(examples)
 
@@ -96,16 +81,16 @@ def test_prepare_puts_the_winner_first_and_counts_every_skip(src, prepared):
 def test_keep_ties_stores_them_with_label_one_half(src, tmp_path):
     report = prepare_pickapic(src, tmp_path, drop_ties=False, splits=("train",))
     assert report.dataset_name == "pickapic_v2/with_ties"
-    labels = [ex["label_w"] for ex in _examples(report)]
+    labels = [ex["label_w"] for ex in prepared_examples(report)]
     assert len(labels) == ROWS - CORRUPT - MISSING and labels.count(0.5) == TIES
     assert "tie" not in report.counts["train"]
 
 
 def test_dreamlike_only_keeps_pairs_where_both_models_are_dreamlike(src, tmp_path):
     report = prepare_pickapic(src, tmp_path, dreamlike_only=True, splits=("train",))
-    examples = _examples(report)
+    examples = prepared_examples(report)
     assert examples and all(b"dream" in ex["model_w"] and b"dream" in ex["model_l"] for ex in examples)
-    expected = sum(1 for r in _rows(src) if r["label_0"] != 0.5 and "dream" in r["model_0"]
+    expected = sum(1 for r in shard_rows(src) if r["label_0"] != 0.5 and "dream" in r["model_0"]
                    and "dream" in r["model_1"] and (r["caption"] or "").strip()
                    and _clean_decodes(r["jpg_0"]) and _clean_decodes(r["jpg_1"]))
     assert len(examples) == expected

@@ -2,7 +2,10 @@
 
 - `synth`: synthetic Pick-a-Pic-schema parquet shards whose preferred image is the brighter one
   (`write_synthetic_pickapic`, `preference_score`).
-- `pickapic`: the TFDS builder, parquet shards -> winner-first array_record pairs (`prepare_pickapic`).
+- `pickapic`: the TFDS builder, parquet shards or a JSONL file of pairs -> winner-first array_record pairs
+  (`prepare_pickapic`).
+- `feedback`: pairs from AI feedback: shards relabeled by a scorer (`relabel_pickapic`), or a model's samples
+  scored and paired (`generate_pairs`).
 - `pipeline`: the grain loader, sharded per JAX process, with a checkpointable iterator (`make_pair_loader`).
 - `transforms`: per-pair decode, resize, crop, flip, caption dropout and SDXL time_ids.
 - `cli`: the `dpojax data` commands (`register_cli`).

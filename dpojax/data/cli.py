@@ -1,8 +1,10 @@
-"""The `dpojax data synth`, `data prepare` and `data encode` commands; `register_cli` adds them."""
+"""The `dpojax data synth`, `prepare`, `relabel`, `generate` and `encode` commands; `register_cli` adds them."""
 
 from __future__ import annotations
 
 import argparse
+
+import yaml
 
 from dpojax.data.schema import DEFAULT_SPLITS
 
@@ -22,9 +24,40 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from dpojax.data.pickapic import prepare_pickapic
 
-    splits = tuple(s for s in args.splits.split(",") if s)
+    splits = None if args.splits is None else tuple(s for s in args.splits.split(",") if s)
     prepare_pickapic(args.src, args.out, drop_ties=not args.keep_ties, dreamlike_only=args.dreamlike_only,
                      splits=splits)
+
+
+def _scorer(args: argparse.Namespace):
+    """``--scorer`` with its ``--scorer-option KEY=VALUE`` options (values read as YAML: numbers become numbers)."""
+    from dpojax.feedback.scorers import make_scorer
+
+    options = {}
+    for item in args.scorer_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--scorer-option {item!r} is not KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return make_scorer(args.scorer, **options)
+
+
+def cmd_relabel(args: argparse.Namespace) -> None:
+    from dpojax.data.feedback import relabel_pickapic
+
+    relabel_pickapic(args.src, args.out, _scorer(args), batch_size=args.batch_size)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from dpojax.data.feedback import generate_pairs
+    from dpojax.evaluate.images import Sampling
+    from dpojax.evaluate.run import read_prompts
+
+    prompts = read_prompts(args.prompts)
+    sampling = Sampling(num_steps=args.num_steps, guidance=args.guidance, resolution=args.resolution,
+                        batch_size=args.batch_size)
+    generate_pairs(args.model, prompts, args.out, _scorer(args), images_per_prompt=args.images_per_prompt,
+                   sampling=sampling, pairs=args.pairs, margin=args.margin, seed=args.seed, split=args.split)
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -51,12 +84,44 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_synth)
 
     p = sub.add_parser("prepare", help="build TFDS array_record pairs from local Pick-a-Pic v2 parquet")
-    p.add_argument("src", help="folder with data/<split>-*.parquet (the Hub layout) or the shards themselves")
+    p.add_argument("src", help="folder with data/<split>-*.parquet (the Hub layout) or the shards themselves, or "
+                               "a .jsonl file of {caption, winner, loser} rows (image paths)")
     p.add_argument("out", help="TFDS data_dir to write into")
     p.add_argument("--keep-ties", action="store_true", help="keep ties (label 0.5) instead of dropping them")
     p.add_argument("--dreamlike-only", action="store_true", help="only pairs whose models both say 'dream'")
-    p.add_argument("--splits", default=",".join(DEFAULT_SPLITS), help="comma-separated splits to build")
+    p.add_argument("--splits", help=f"comma-separated splits to build (default {','.join(DEFAULT_SPLITS)}; "
+                                    f"a .jsonl file is one split, default train)")
     p.set_defaults(run=cmd_prepare)
+
+    scorer_help = "a built-in scorer (brightness, aesthetic, pickscore, ...) or package.module:callable"
+    option_help = "an option of the scorer, e.g. clip_model=/models/clip (repeat for several)"
+    p = sub.add_parser("relabel", help="put every Pick-a-Pic pair winner-first by a scorer (AI feedback)")
+    p.add_argument("src", help="folder with Pick-a-Pic-schema parquet shards (data/*.parquet or the shards)")
+    p.add_argument("out", help="new folder: out/data/<same shard names> and out/relabel_report.json")
+    p.add_argument("--scorer", required=True, help=scorer_help)
+    p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE", help=option_help)
+    p.add_argument("--batch-size", type=int, default=16, help="pairs scored per call (default 16)")
+    p.set_defaults(run=cmd_relabel)
+
+    p = sub.add_parser("generate", help="sample k images per prompt, score them, write the best pairs as Pick-a-Pic")
+    p.add_argument("model", help="diffusers pipeline folder to sample")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--images-per-prompt", type=int, default=4, help="k images per prompt (default 4)")
+    p.add_argument("--scorer", required=True, help=scorer_help)
+    p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE", help=option_help)
+    p.add_argument("--out", required=True, help="new folder: out/data/<split>-00000-of-00001.parquet and "
+                                                "out/generate_report.json")
+    p.add_argument("--pairs", choices=("best-worst", "all"), default="best-worst",
+                   help="best against worst per prompt, or all C(k,2) pairs (default best-worst)")
+    p.add_argument("--margin", type=float, default=0.0, help="keep pairs whose scores differ by more (default 0)")
+    p.add_argument("--split", default="train", help="split name of the written shard (default train)")
+    p.add_argument("--num-steps", type=int, default=30, help="DDIM steps, eta 0 (default 30)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--resolution", type=int, help="square image size in pixels (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed SEED + i*k + j (default 0)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per sampling call, rounded down to whole prompts (default 8)")
+    p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("encode", help="cache VAE latent distributions and text embeddings for training")
     p.add_argument("config", help="the training config: model.*, data.* and mesh.* say what to encode and how")

@@ -1,5 +1,8 @@
 """TFDS builder for Pick-a-Pic v2: local parquet shards (manual dir) -> winner-first pairs in array_record.
 
+It also reads your own pairs: a JSONL file of ``{"caption", "winner", "loser"}`` rows naming image files
+(relative to the file's folder, or absolute), built as one split of winner-first pairs.
+
 Follows the official Diffusion-DPO data rules: a pair is put winner first (swapped when ``label_0 == 0``),
 ties (``label_0 == 0.5``) are dropped unless asked for, and the optional Dreamlike filter keeps pairs whose
 two generators both contain "dream". Images stay the original encoded bytes (so TensorFlow is never needed and
@@ -12,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +25,12 @@ import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dpojax.data.schema import DEFAULT_SPLITS, REQUIRED_COLUMNS, split_files
+from dpojax.data.schema import DEFAULT_SPLITS, REQUIRED_COLUMNS, check_columns, split_files
 
-# Skip reasons, in the order they are checked (cheap checks first, JPEG decoding last).
-SKIP_REASONS = ("bad_label", "tie", "not_dreamlike", "missing_caption", "corrupt_image")
+# Skip reasons, in the order they are printed (cheap checks first, image decoding last). "missing_image" is a
+# JSONL row naming an image file that cannot be read; it is checked first, before the file's bytes are needed.
+SKIP_REASONS = ("bad_label", "tie", "not_dreamlike", "missing_caption", "missing_image", "corrupt_image")
+JSONL_KEYS = ("caption", "winner", "loser")
 
 
 @dataclasses.dataclass(eq=False)  # TFDS's BuilderConfig is a non-frozen dataclass
@@ -56,8 +62,9 @@ class PickapicV2(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the parquet shards of yuvalkirstain/pickapic_v2 (data/<split>-*.parquet) in the manual dir.")
 
-    def __init__(self, *, splits: tuple[str, ...] = DEFAULT_SPLITS, **kwargs):
+    def __init__(self, *, splits: tuple[str, ...] = DEFAULT_SPLITS, jsonl: Path | None = None, **kwargs):
         self._splits = tuple(splits)
+        self._jsonl = jsonl  # the source when it is a JSONL file of pairs (one split) rather than parquet shards
         self.counts: dict[str, collections.Counter] = {}
         super().__init__(**kwargs)
 
@@ -81,15 +88,15 @@ class PickapicV2(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split, split_files(dl_manager.manual_dir, split))
+        return {split: self._generate_examples(split, [self._jsonl] if self._jsonl else
+                                               split_files(dl_manager.manual_dir, split))
                 for split in self._splits}
 
     def _generate_examples(self, split: str, files: list[Path]) -> Iterator[tuple[str, dict]]:
         counts = self.counts.setdefault(split, collections.Counter())
         for path in files:
-            for row_index, row in enumerate(_read_rows(path)):
+            for row_index, (example, reason) in enumerate(_file_examples(path, self.builder_config)):
                 counts["rows"] += 1
-                example, reason = _pair_example(row, self.builder_config)
                 if reason is not None:
                     counts[reason] += 1
                     continue
@@ -101,10 +108,55 @@ class PickapicV2(tfds.core.GeneratorBasedBuilder):
                              f"({_format_counts(counts)})")
 
 
+def _file_examples(path: Path, config: PickapicConfig) -> Iterator[tuple[dict | None, str | None]]:
+    """(example, None) or (None, skip reason) for every row of a parquet shard or JSONL file."""
+    if path.suffix != ".jsonl":
+        yield from (_pair_example(row, config) for row in _read_rows(path))
+        return
+    for row in _jsonl_rows(path):
+        yield (None, "missing_image") if row["jpg_0"] is None or row["jpg_1"] is None else _pair_example(row, config)
+
+
 def _read_rows(path: Path) -> Iterator[dict]:
     """Rows of one shard with just the columns the builder needs, streamed in record batches."""
     for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=list(REQUIRED_COLUMNS)):
         yield from batch.to_pylist()
+
+
+def _jsonl_records(path: Path) -> Iterator[dict]:
+    """The rows of a JSONL pair file (blank lines ignored); a malformed row is a one-line error naming its line."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {number}: not a JSON object with keys " + ", ".join(JSONL_KEYS))
+            for key in JSONL_KEYS:
+                if key not in record:
+                    raise ValueError(f"{path} line {number}: missing key '{key}'")
+                if not isinstance(record[key], str) and not (key == "caption" and record[key] is None):
+                    raise ValueError(f"{path} line {number}: '{key}' must be a string, got {record[key]!r}")
+            yield record
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict]:
+    """JSONL pairs as parquet-shaped rows, winner in slot 0; the bytes of an image that cannot be read are None."""
+    for record in _jsonl_records(path):
+        winner, loser = record["winner"], record["loser"]
+        yield {"caption": record["caption"], "label_0": 1.0, "model_0": "", "model_1": "",
+               "jpg_0": _read_bytes(path.parent / winner), "jpg_1": _read_bytes(path.parent / loser),
+               "image_0_uid": winner, "image_1_uid": loser}
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()  # an absolute name in the JSONL replaces the folder it is joined to
+    except OSError:
+        return None
 
 
 def _pair_example(row: dict, config: PickapicConfig) -> tuple[dict | None, str | None]:
@@ -142,18 +194,6 @@ def _decodes(data: bytes | None) -> bool:
     return True
 
 
-def _check_columns(files: list[Path]) -> None:
-    for path in files:
-        try:
-            names = set(pq.read_schema(path).names)
-        except Exception as err:  # pyarrow raises several types for a file that is not parquet
-            raise ValueError(f"{path}: not a readable parquet file ({err})") from err
-        missing = [c for c in REQUIRED_COLUMNS if c not in names]
-        if missing:
-            raise ValueError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
-                             + ", ".join(f"'{c}'" for c in missing))
-
-
 def _format_counts(counts: collections.Counter) -> str:
     parts = [f"{counts['rows']} rows read", f"{counts['kept']} kept"]
     parts += [f"{counts[r]} {r.replace('_', ' ')}" for r in SKIP_REASONS if counts[r]]
@@ -174,25 +214,38 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def prepare_pickapic(src: str | Path, out: str | Path, *, drop_ties: bool = True,
-                     dreamlike_only: bool = False, splits: tuple[str, ...] = DEFAULT_SPLITS) -> PrepareReport:
-    """Build the array_record dataset under ``out`` from the parquet shards in ``src`` (or ``src/data``).
+def prepare_pickapic(src: str | Path, out: str | Path, *, drop_ties: bool = True, dreamlike_only: bool = False,
+                     splits: tuple[str, ...] | None = None) -> PrepareReport:
+    """Build the array_record dataset under ``out`` from the parquet shards in ``src`` (or ``src/data``), or from
+    ``src`` a JSONL file of pairs.
 
-    Fails early, before writing anything, on a split without shards, a shard that is not parquet, or a shard
-    missing a needed column. An already prepared dataset in ``out`` is never overwritten.
+    ``splits`` defaults to ``DEFAULT_SPLITS`` for shards; a JSONL file is one split, ``train`` unless named.
+    Fails early, before writing anything, on a split without shards, a shard that is not parquet, a shard
+    missing a needed column, or a malformed JSONL row. An already prepared dataset in ``out`` is never
+    overwritten.
     """
+    src = Path(src)
+    jsonl = src if src.suffix == ".jsonl" else None
+    splits = tuple(splits) if splits is not None else ("train",) if jsonl else DEFAULT_SPLITS
     if not splits:
         raise ValueError("prepare_pickapic needs at least one split")
-    for split in splits:
-        _check_columns(split_files(src, split))
+    if jsonl:
+        if len(splits) != 1:
+            raise ValueError(f"{src} is one split; name it with one --splits value, not {','.join(splits)}")
+        for _ in _jsonl_records(jsonl):  # every row is checked before anything is written
+            pass
+    else:
+        for split in splits:
+            check_columns(split_files(src, split))
     config = config_name(drop_ties=drop_ties, dreamlike_only=dreamlike_only)
-    builder = PickapicV2(data_dir=str(out), config=config, file_format="array_record", splits=tuple(splits))
+    builder = PickapicV2(data_dir=str(out), config=config, file_format="array_record", splits=splits, jsonl=jsonl)
     if (Path(builder.data_dir) / "dataset_info.json").exists():
         raise FileExistsError(f"{builder.data_dir} already holds a prepared dataset; remove it or use "
                               "another output folder")
     with tempfile.TemporaryDirectory() as downloads:
         builder.download_and_prepare(download_dir=downloads,
-                                     download_config=tfds.download.DownloadConfig(manual_dir=str(src)))
+                                     download_config=tfds.download.DownloadConfig(
+                                         manual_dir=str(src.parent if jsonl else src)))
     report = PrepareReport(Path(builder.data_dir), f"{builder.name}/{builder.builder_config.name}",
                            {split: dict(builder.counts[split]) for split in splits})
     print(report.summary())

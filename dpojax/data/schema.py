@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 PICKAPIC_SCHEMA = pa.schema([
     ("are_different", pa.bool_()),
@@ -44,14 +45,33 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 
-def split_files(src: str | Path, split: str) -> list[Path]:
-    """The parquet shards of one split, from ``src/data`` (the Hub layout) or from ``src`` itself."""
+def shard_folder(src: str | Path) -> Path:
+    """The folder holding the parquet shards: ``src/data`` (the Hub layout) or ``src`` itself."""
     src = Path(src)
     folder = src / "data" if (src / "data").is_dir() else src
     if not folder.is_dir():
         raise NotADirectoryError(f"Pick-a-Pic source folder {src} does not exist")
+    return folder
+
+
+def split_files(src: str | Path, split: str) -> list[Path]:
+    """The parquet shards of one split, from ``src/data`` (the Hub layout) or from ``src`` itself."""
+    folder = shard_folder(src)
     # "validation-*" never matches "validation_unique-*": the split name is followed by "-" exactly.
     files = sorted(folder.glob(f"{split}-*.parquet"))
     if not files:
         raise ValueError(f"no parquet shards for split '{split}' in {folder} (expected {split}-*.parquet)")
     return files
+
+
+def check_columns(files: list[Path]) -> None:
+    """A one-line error for a shard that is not parquet or lacks a column the builder reads."""
+    for path in files:
+        try:
+            names = set(pq.read_schema(path).names)
+        except Exception as err:  # pyarrow raises several types for a file that is not parquet
+            raise ValueError(f"{path}: not a readable parquet file ({err})") from err
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
+                             + ", ".join(f"'{c}'" for c in missing))

@@ -21,7 +21,7 @@ from dpojax.diffusers_folder import read_pipeline_folder
 from dpojax.evaluate.images import ImageCache, Row, Sampling, sample_rows
 from dpojax.evaluate.report import render_report
 from dpojax.evaluate.stats import MEAN_INTERVAL, WIN_RATE_INTERVAL, mean_interval, win_rate
-from dpojax.feedback.scorers import Scorer, make_scorer, score_images
+from dpojax.feedback.scorers import Scorer, make_scorer, score_per_image
 from dpojax.pipeline import Pipeline
 from dpojax.weights.atomic import atomic_file
 
@@ -67,12 +67,8 @@ def sample_missing(caches: dict[str, ImageCache], rows: list[Row]) -> tuple[int,
 def score_all(scorer: Scorer, cache: ImageCache, rows: list[Row]) -> np.ndarray:
     """One score per row, from the cached images, in batches of the sampling batch size."""
     size = cache.sampling.batch_size
-    scores = np.concatenate([score_images(scorer, cache.load(rows[i:i + size]), [r.prompt for r in rows[i:i + size]])
-                             for i in range(0, len(rows), size)])
-    if scores.ndim == 2 and scores.shape[1] != 1:
-        raise ValueError(f"scorer {scorer.name!r} returns {scores.shape[1]} numbers per image; eval compares one "
-                         f"score per image (give vector parts as separate scorers)")
-    return scores.reshape(len(rows))
+    return np.concatenate([score_per_image(scorer, cache.load(rows[i:i + size]), [r.prompt for r in rows[i:i + size]])
+                           for i in range(0, len(rows), size)])
 
 
 def summarize(caches: dict[str, ImageCache], rows: list[Row], scorers: list[Scorer], out_dir: Path,

@@ -169,5 +169,15 @@ def score_images(scorer: Scorer | ScoreFn, images: np.ndarray, prompts: Sequence
     return scores
 
 
+def score_per_image(scorer: Scorer, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    """``score_images`` for callers that rank images by one number each: float32 (N,); a vector reward is a
+    one-line error (its parts give no single order)."""
+    scores = score_images(scorer, images, prompts)
+    if scores.ndim == 2 and scores.shape[1] != 1:
+        raise ValueError(f"scorer {scorer.name!r} returns {scores.shape[1]} numbers per image; this compares one "
+                         f"score per image (give vector parts as separate scorers)")
+    return scores.reshape(len(images))
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or "(no message)"

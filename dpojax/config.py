@@ -6,7 +6,8 @@ here. A bad file, key, value or override is a one-line ``ConfigError`` naming th
 reads the YAML file: no JAX calls, no devices, no writes.
 
 Sections belong to objectives. ``model``, ``mesh``, ``logging``, ``train`` (the run: seed, folders,
-checkpoints, exports, sample grids) and ``optim`` are read by every objective; ``dpo``, ``data`` and ``loss``
+checkpoints, exports, sample grids, evaluations), ``optim`` and ``scorers`` (the reward models' local files) are
+read by every objective; ``dpo``, ``data`` and ``loss``
 only by ``objective: dpo`` (offline Diffusion-DPO and its variants, SFT included); ``d3po`` only by
 ``objective: d3po`` (online D3PO and the human-feedback rounds). A key that the chosen objective does not read
 is an error, so a setting never silently does nothing. Defaults are the papers': the official Diffusion-DPO
@@ -123,7 +124,32 @@ class TrainConfig:
                                              "prompts of the sample grids (one fixed seed, so grids compare)")
     sample_steps: int = _field(20, "DDIM steps (eta 0) of the sample grids", POSITIVE)
     sample_guidance: float = _field(5.0, "classifier-free guidance scale of the sample grids", POSITIVE)
+    eval_every: int = _field(0, "score the policy's images every N optimizer steps and at the last (0: never): "
+                                "train.eval_images_per_prompt images of each eval prompt, the same seeds each time; "
+                                "the checkpoint with the best median score is kept (dpojax export RUN OUT --step "
+                                "best)", NON_NEGATIVE)
+    eval_scorer: str | None = _field(None, "the scorer of train.eval_every: a d3po.reward spec (pickscore, "
+                                           "clip_score, aesthetic, brightness, 'package.module:callable'); its model "
+                                           "files are in the scorers section")
+    eval_prompt_file: str | None = _field(None, "eval prompts, one per line (default: train.sample_prompts)")
+    eval_images_per_prompt: int = _field(2, "images of each eval prompt (seeds train.seed, train.seed + 1, ...)",
+                                         POSITIVE)
     debug_nan_at_step: int = _field(0, "test hook: this optimizer step's loss becomes NaN (0: off)", NON_NEGATIVE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorersConfig:
+    """Local files of the reward models that d3po.reward and train.eval_scorer name (nothing is downloaded)."""
+
+    clip_model: str | None = _field(None, "a local transformers CLIP folder: CLIP ViT-L/14 for the aesthetic scorer, "
+                                          "any CLIPModel for clip_score and clip_cosine")
+    clip_processor: str | None = _field(None, "clip_score/clip_cosine: the folder with the CLIP tokenizer and "
+                                              "processor files (default: clip_model)")
+    pickscore_model: str | None = _field(None, "the pickscore reward's local PickScore_v1 folder (a CLIPModel)")
+    pickscore_processor: str | None = _field(None, "the pickscore reward's tokenizer and processor folder "
+                                                   "(CLIP-ViT-H-14-laion2B-s32B-b79K; default: pickscore_model)")
+    aesthetic_head: str | None = _field(None, "the aesthetic reward's LAION predictor weights (.safetensors, or "
+                                              ".pth with torch installed)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,15 +257,6 @@ class D3POConfig:
                                                  "jpeg_incompressibility, aesthetic, pickscore, clip_score (100 "
                                                  "max(cos, 0)), clip_cosine, a 'package.module:callable', or several "
                                                  "joined by ',' (a vector reward, Pareto-compared)")
-    clip_model: str | None = _field(None, "a local transformers CLIP folder: CLIP ViT-L/14 for the aesthetic reward, "
-                                          "any CLIPModel for clip_score and clip_cosine")
-    clip_processor: str | None = _field(None, "clip_score/clip_cosine: the folder with the CLIP tokenizer and "
-                                              "processor files (default: clip_model)")
-    pickscore_model: str | None = _field(None, "the pickscore reward's local PickScore_v1 folder (a CLIPModel)")
-    pickscore_processor: str | None = _field(None, "the pickscore reward's tokenizer and processor folder "
-                                                   "(CLIP-ViT-H-14-laion2B-s32B-b79K; default: pickscore_model)")
-    aesthetic_head: str | None = _field(None, "the aesthetic reward's LAION predictor weights (.safetensors, or "
-                                              ".pth with torch installed)")
     prompts: tuple[str, ...] = _field((), "prompts drawn uniformly with replacement ...")
     prompt_file: str | None = _field(None, "... or from this text file, one prompt per line; a bare name that is "
                                            "not a file here is one of the shipped lists (e.g. animals.txt: the "
@@ -273,8 +290,12 @@ class Config:
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
     d3po: D3POConfig = D3POConfig()
+    scorers: ScorersConfig = ScorersConfig()
 
     def __post_init__(self):
+        if self.train.eval_every and not self.train.eval_scorer:
+            raise ConfigError("config: train.eval_every needs train.eval_scorer (e.g. pickscore, with "
+                              "scorers.pickscore_model)")
         if self.train.export == "lora" and not self.model.lora_rank:
             raise ConfigError("config: train.export 'lora' needs model.lora_rank > 0")
         if self.objective == "dpo" and self.loss.label_smoothing and self.loss.type != "robust":

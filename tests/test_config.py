@@ -91,6 +91,8 @@ def test_yaml_values_without_overrides(yaml_path):
     (["optim=3"], "config: optim must be a mapping, got 3"),
     (["loss.label_smoothing=0.1"],
      "config: loss.label_smoothing applies only to loss.type 'robust', got type 'sigmoid'"),
+    (["train.eval_every=10"], "config: train.eval_every needs train.eval_scorer (e.g. pickscore, with "
+                              "scorers.pickscore_model)"),
     (["optim.lr"], "config: bad override 'optim.lr' (expected key=value, e.g. optim.lr=1e-5)"),
     (["=3"], "config: bad override '=3' (expected key=value, e.g. optim.lr=1e-5)"),
     (["optim..lr=3"], "config: bad override 'optim..lr=3' (expected key=value, e.g. optim.lr=1e-5)"),
@@ -170,7 +172,7 @@ def test_each_objective_has_its_papers_optimizer_defaults_and_meanings():
                                 "d3po.train_batch_size=2", "d3po.sample_batch_size=2"])
     assert scaled.learning_rate(batch_devices=4) == pytest.approx(3e-5 * 2 * 4)
     assert Config.from_dict(d3po.to_dict()) == d3po and set(d3po.to_dict()) == {
-        "objective", "model", "mesh", "logging", "train", "optim", "d3po"}
+        "objective", "model", "mesh", "logging", "train", "optim", "d3po", "scorers"}
 
 
 def test_every_key_is_documented_once_by_the_config_command(capsys):
@@ -180,7 +182,7 @@ def test_every_key_is_documented_once_by_the_config_command(capsys):
     listing = capsys.readouterr().out
     documented = [line.split(" = ")[0].strip() for line in listing.splitlines()
                   if line.startswith("  ") and not line.startswith("   ")]  # keys; their meanings are indented more
-    sections = {"model", "mesh", "logging", "train", "optim", "dpo", "data", "loss", "d3po"}
+    sections = {"model", "mesh", "logging", "train", "optim", "dpo", "data", "loss", "d3po", "scorers"}
     keys = [k for k in _all_keys() if k not in sections]
     assert sorted(documented) == sorted(keys) and len(documented) == len(set(documented))
     assert "optim.lr = 2.048e-05 (d3po: 3.0e-05)" in listing

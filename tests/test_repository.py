@@ -40,8 +40,9 @@ def test_every_cited_path_is_inside_the_repository_and_exists():
 
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-INPUT_PATHS = ("model.pretrained", "model.vae", "data.data_dir", "data.cache_dir", "d3po.clip_model",
-               "d3po.aesthetic_head")
+INPUT_PATHS = ("model.pretrained", "model.vae", "data.data_dir", "data.cache_dir", "train.eval_prompt_file",
+               *(f"scorers.{key}" for key in ("clip_model", "clip_processor", "aesthetic_head", "pickscore_model",
+                                              "pickscore_processor")))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

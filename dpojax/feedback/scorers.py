@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dpojax.config import ConfigError
+
 ScoreFn = Callable[[np.ndarray, Sequence[str]], Any]
 
 
@@ -105,6 +107,28 @@ def make_scorer(spec: str, **options: Any) -> Scorer:
         else:
             scorers.append(Scorer(part, _import_scorer(part, rest)))
     return scorers[0] if len(scorers) == 1 else Scorer(spec, _stacked(scorers))
+
+
+# The config's ``scorers`` section key of each scorer option (``dpojax.config.ScorersConfig``).
+OPTION_KEYS = {"clip_model": "clip_model", "clip_processor": "clip_processor", "head": "aesthetic_head",
+               "pickscore_model": "pickscore_model", "pickscore_processor": "pickscore_processor"}
+
+
+def scorer_from_config(spec: str, files: Any, what: str) -> Scorer:
+    """``make_scorer(spec)`` with the model files of the config's ``scorers`` section that its built-in parts
+    take; ``what`` (the config key naming ``spec``) starts any error."""
+    parts = [part.strip() for part in str(spec).split(",")]
+    taken = {name for part in parts if part in BUILTIN for name in BUILTIN[part][1]}
+    options = {name: getattr(files, key) for name, key in OPTION_KEYS.items()
+               if name in taken and getattr(files, key) is not None}
+    try:
+        return make_scorer(spec, **options)
+    except ValueError as err:
+        missing = {f"{k}=": f"scorers.{v}=" for k, v in OPTION_KEYS.items()}
+        message = str(err)
+        for option, key in missing.items():  # name the config keys, not the Python options
+            message = message.replace(option, key)
+        raise ConfigError(f"config: {what}: {message}") from None
 
 
 def _import_scorer(path: str, options: dict[str, Any]) -> ScoreFn:

@@ -6,17 +6,25 @@ and, when the data source has arrays that cannot be made again (D3PO's samples o
 ``data``. The frozen models are not saved: they are reloaded from ``model.pretrained``. Orbax writes each step
 into a temporary folder and renames it when complete, so a run killed mid-save leaves the previous checkpoints
 intact and the half-written one is ignored on restart.
+
+A run that evaluates (``train.eval_every``) also keeps the checkpoint of its best median score, whatever its
+age; ``best.json`` in the checkpoints folder names it (orbax does not read its own save metrics back on
+restart, so the run keeps this record itself).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from dpojax.train.state import TrainState
+from dpojax.weights.atomic import atomic_file
 
 ITEMS = ("params", "train", "meta", "data")
 
@@ -26,17 +34,54 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class KeepStep:
+    """An orbax preservation policy: keep the checkpoint of ``step`` (None: none)."""
+
+    def __init__(self, step: int | None = None):
+        self.step = step
+
+    def should_preserve(self, checkpoints: Sequence, *, context) -> list[bool]:
+        return [checkpoint.step == self.step for checkpoint in checkpoints]
+
+
 class Checkpointer:
-    """A thin wrapper over ``ocp.CheckpointManager`` for ``TrainState``, JSON metadata and data arrays."""
+    """A thin wrapper over ``ocp.CheckpointManager`` for ``TrainState``, JSON metadata and data arrays: keeps the
+    last ``keep`` checkpoints and the best scored one (``record_score``)."""
 
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        self.best = self._read_best()
+        self._keep_best = KeepStep(self.best["step"] if self.best else None)
+        policy = preservation_policy.AnyPreservationPolicy([preservation_policy.LatestN(keep), self._keep_best])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def _read_best(self) -> dict[str, Any] | None:
+        path = self.directory / "best.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def record_score(self, step: int, score: float) -> None:
+        """The evaluation score of the checkpoint about to be saved at ``step``: a new best is kept from then on
+        (and the previous best released), before the save's clean-up runs."""
+        if self.best is not None and self.best["step"] < step and score <= self.best["score"]:
+            return
+        self.best = {"step": step, "score": score}
+        self._keep_best.step = step
+        if jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self.directory / "best.json") as f:
+                f.write(json.dumps(self.best) + "\n")
+
+    def best_step(self) -> int:
+        """The step of the best scored checkpoint; a one-line error when there is none."""
+        if self.best is None or self.best["step"] not in self.manager.all_steps():
+            raise FileNotFoundError(f"{self.directory} has no scored checkpoint (a run keeps one when it "
+                                    f"evaluates: train.eval_every, train.eval_scorer)")
+        return self.best["step"]
 
     def save(self, state: TrainState, meta: dict[str, Any], data: dict[str, jax.Array] | None = None) -> None:
         """Start saving ``state`` at its step (returns once the arrays are copied off the devices)."""

@@ -43,7 +43,7 @@ def cmd_d3po_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from dpojax.train.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, kind=args.kind, base=args.base)
+    out = export_checkpoint(args.checkpoint, args.out, kind=args.kind, base=args.base, which=args.step)
     print(f"exported {args.kind} to {out}")
     return 0
 
@@ -78,5 +78,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         "run's adapters merged in, for both); lora: a LoRA run's adapters as "
                         "pytorch_lora_weights.safetensors for diffusers' load_lora_weights")
     p.add_argument("--base", help="base pipeline folder (default: the run's model.pretrained)")
+    p.add_argument("--step", default="latest", help="of a run folder: latest (default), best (the best median "
+                                                    "score of train.eval_every), or a step number")
     p.set_defaults(run=cmd_export)
 

@@ -46,7 +46,7 @@ from dpojax.config import Config, ConfigError, apply_overrides
 from dpojax.diffusers_folder import read_pipeline_folder
 from dpojax.feedback.labels import read_labels
 from dpojax.feedback.rounds import Round, read_round, write_round
-from dpojax.feedback.scorers import make_scorer, score_images
+from dpojax.feedback.scorers import score_images, scorer_from_config
 from dpojax.losses import pareto_preference
 from dpojax.schedule import ddim_timesteps
 from dpojax.train.d3po_step import latent_size, make_sampler, make_update, text_inputs, text_shapes
@@ -76,18 +76,6 @@ def load_prompts(config: Config) -> list[str]:
     if not prompts:
         raise ConfigError(f"config: d3po.prompt_file={d3po.prompt_file!r} holds no prompts")
     return prompts
-
-
-def make_reward(config: Config):
-    """The scorer of ``d3po.reward``, with the aesthetic predictor's files when it is one of its parts."""
-    d3po = config.d3po
-    if "aesthetic" in (part.strip() for part in d3po.reward.split(",")) and None in (d3po.clip_model,
-                                                                                    d3po.aesthetic_head):
-        raise ConfigError("config: d3po.reward 'aesthetic' needs d3po.clip_model (a local CLIP ViT-L/14 folder) and "
-                          "d3po.aesthetic_head (the LAION predictor's weights)")
-    options = {"clip_model": d3po.clip_model, "head": d3po.aesthetic_head, "clip_processor": d3po.clip_processor,
-               "pickscore_model": d3po.pickscore_model, "pickscore_processor": d3po.pickscore_processor}
-    return make_scorer(d3po.reward, **{k: v for k, v in options.items() if v is not None})
 
 
 def draw_prompts(prompts: list[str], count: int, seed: list[int]) -> list[str]:
@@ -332,7 +320,7 @@ def write_eval_samples(folder: Path, images: np.ndarray, prompts: list[str], rew
 def train(config: Config, *, out=None) -> TrainResult:
     """Run (or continue) D3PO with the reward proxy ``d3po.reward``."""
     d3po = config.d3po
-    prompts, scorer = load_prompts(config), make_reward(config)
+    prompts, scorer = load_prompts(config), scorer_from_config(config.d3po.reward, config.scorers, "d3po.reward")
     steps_per_epoch = d3po.pairs_per_epoch // d3po.train_batch_size * d3po.num_inner_epochs
     with Run(config, total_steps=d3po.num_epochs * steps_per_epoch, out=out) as run:  # mesh → load → state
         setup = run.setup  # compile

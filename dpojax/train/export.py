@@ -82,8 +82,9 @@ def write_policy(graph: nnx.GraphDef, params, out: str | Path, kind: str, config
     return write_unet(unet, out, kind, base)
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, int]:
-    """(orbax manager folder, step) for a run folder, its ``checkpoints`` folder or one step's folder."""
+def find_checkpoint(path: str | Path, which: str = "latest") -> tuple[Path, int]:
+    """(orbax manager folder, step) for a run folder or its ``checkpoints`` folder and ``which`` ("latest",
+    "best": the best evaluation's, or a step number), or for one step's folder."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
@@ -93,15 +94,27 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
     if not steps:
         raise FileNotFoundError(f"export: no checkpoint in {path} (expected a run folder, its checkpoints "
                                 f"folder or a checkpoints/<step> folder)")
-    return path, steps[-1]
+    if which == "latest":
+        return path, steps[-1]
+    if which == "best":
+        checkpointer = Checkpointer(path, keep=len(steps), async_save=False)
+        try:
+            return path, checkpointer.best_step()
+        finally:
+            checkpointer.close()
+    if not which.isdigit() or int(which) not in steps:
+        raise FileNotFoundError(f"export: {path} has no checkpoint {which!r} (steps: "
+                                f"{', '.join(map(str, steps))}; or latest, best)")
+    return path, int(which)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, kind: str = "pipeline",
-                      base: str | Path | None = None) -> Path:
-    """Export the policy of a checkpoint (the latest one for a run folder) as ``kind``; returns ``out``."""
+                      base: str | Path | None = None, which: str = "latest") -> Path:
+    """Export the policy of a checkpoint (of a run folder: ``which`` one, see ``find_checkpoint``) as ``kind``;
+    returns ``out``."""
     from dpojax.models.unet import UNet2DConditionModel
 
-    directory, step = find_checkpoint(checkpoint)
+    directory, step = find_checkpoint(checkpoint, which)
     checkpointer = Checkpointer(directory, keep=1_000_000, async_save=False)
     try:
         meta = checkpointer.restore_meta(step)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -313,6 +314,31 @@ class StopRequest:
                 signal.signal(s, handler)
 
 
+class Evaluator:
+    """``train.eval_every``: the policy's images of fixed prompts and seeds, scored by ``train.eval_scorer``."""
+
+    def __init__(self, run: Run):
+        from dpojax.evaluate.run import read_prompts
+        from dpojax.feedback.scorers import scorer_from_config
+
+        train = run.config.train
+        self.run = run
+        self.prompts = read_prompts(train.eval_prompt_file) if train.eval_prompt_file else list(train.sample_prompts)
+        self.scorer = scorer_from_config(train.eval_scorer, run.config.scorers, "train.eval_scorer")
+
+    def __call__(self) -> dict[str, float]:
+        """The scores' median (the paper's checkpoint rule) and mean; their images go to TensorBoard."""
+        from dpojax.feedback.scorers import score_images
+        from dpojax.train.samples import eval_images, image_grid
+
+        run = self.run
+        unet = nnx.merge(run.components.unet, policy_unet_params(run.components, run.state.params, run.frozen))
+        images, prompts = eval_images(run.config, run.components, unet, run.frozen, self.prompts)
+        scores = score_images(self.scorer, images, prompts)
+        run.log.image(run.step, "eval/images", image_grid(images, columns=len(self.prompts)))
+        return {"eval_median": float(np.median(scores)), "eval_mean": float(np.mean(scores))}
+
+
 class Loop:
     """The services of a training loop; the objective calls ``end_step`` after every optimizer step."""
 
@@ -323,6 +349,7 @@ class Loop:
         self._signals = self.stop.installed()
         self._last_log = time.perf_counter()
         self._pairs_since_log = 0
+        self.evaluate = Evaluator(run) if run.config.train.eval_every else None
 
     def __enter__(self) -> Loop:
         self._signals.__enter__()
@@ -335,22 +362,30 @@ class Loop:
 
     def end_step(self, loss: float, record: dict[str, float] | None = None, *, pairs: int = 0,
                  show: bool = False) -> bool:
-        """Count one optimizer step of ``pairs`` pairs (``run.state`` holds its result): check its loss, write
-        ``record`` (with the pairs trained per second since the previous record), checkpoint and sample at their
-        cadence, and agree with the other processes whether to stop. Returns whether to stop now.
+        """Count one optimizer step of ``pairs`` pairs (``run.state`` holds its result): check its loss, evaluate,
+        write ``record`` (with the pairs trained per second since the previous record, and the evaluation),
+        checkpoint and sample at their cadence, and agree with the other processes whether to stop. Returns
+        whether to stop now.
 
-        The record is written before the checkpoint, so a checkpoint's step always has its record."""
+        The record is written before the checkpoint, so a checkpoint's step always has its record; an evaluated
+        step is always checkpointed, so the best scored policy can be kept."""
         run, train = self.run, self.run.config.train
         run.step += 1
         self._check_finite(loss)
         self._pairs_since_log += pairs
+        evaluation = None
+        if self.evaluate is not None and itstime(run.step, train.eval_every, run.total_steps):
+            evaluation = self.evaluate()
+            record, show = {**(record or {}), **evaluation}, True
         if record is not None:
             now = time.perf_counter()
             run.log.write(run.step, record, pairs_per_second=self._pairs_since_log / (now - self._last_log),
                           show=show)
             self._last_log, self._pairs_since_log = now, 0
         self.stopping = self.stop.agreed()
-        if itstime(run.step, train.checkpoint_every, run.total_steps) or self.stopping:
+        if evaluation is not None:
+            run.checkpointer.record_score(run.step, evaluation["eval_median"])
+        if itstime(run.step, train.checkpoint_every, run.total_steps) or self.stopping or evaluation is not None:
             self.save()
         if itstime(run.step, train.sample_every):
             self.sample()

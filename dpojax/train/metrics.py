@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from dpojax.config import LoggingConfig
 
@@ -99,6 +100,15 @@ class MetricsLog:
             self.wandb.log(metrics, step=step)
         if show:
             self.print(progress_line(step, self.total_steps, metrics, pairs_per_second))
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        """A uint8 (H, W, 3) image to TensorBoard (and W&B) at ``step``."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_image(name, image, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(image)}, step=step)
 
     def close(self) -> None:
         if self.tensorboard is not None:

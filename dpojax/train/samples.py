@@ -1,5 +1,6 @@
-"""Periodic sample grids: the policy's images for fixed prompts and a fixed seed, so grids of different steps
-of a run (and of different runs) are directly comparable. Step 0's grid is the reference model's."""
+"""The policy's images during training, for fixed prompts and seeds, so those of different steps of a run (and
+of different runs) compare image by image: periodic sample grids (step 0's is the reference model's), and the
+images that ``train.eval_every`` scores."""
 
 from __future__ import annotations
 
@@ -48,3 +49,16 @@ def write_sample_grid(config: Config, components: Components, unet: nnx.Module, 
     out_dir = run_dir / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_png(image_grid(images, columns=len(images)), out_dir / f"step_{step:06d}.png")
+
+
+def eval_images(config: Config, components: Components, unet: nnx.Module, frozen: dict,
+                prompts: list[str]) -> tuple[np.ndarray, list[str]]:
+    """``train.eval_images_per_prompt`` images of each prompt (seed ``train.seed + i`` for the i-th image of
+    every prompt), with the sample grids' sampler: (uint8 images, their prompts). Every process runs it."""
+    train = config.train
+    pipe = policy_pipeline(components, unet, frozen)
+    size = config.resolution
+    images = [pipe.sample(prompts, num_steps=train.sample_steps, guidance_scale=train.sample_guidance,
+                          seed=train.seed + i, height=size, width=size)
+              for i in range(train.eval_images_per_prompt)]
+    return np.concatenate(images), prompts * train.eval_images_per_prompt

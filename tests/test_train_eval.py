@@ -1,0 +1,65 @@
+"""Evaluation during training (``train.eval_every``) on the tiny SDXL pipeline: every evaluated step is scored
+and checkpointed, the checkpoint of the best median score outlives ``train.keep_checkpoints`` (across a resume
+too), and ``dpojax export RUN OUT --step best`` writes it as a pipeline that diffusers loads."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO, pairs_workdir, run_dpojax
+from safetensors.numpy import load_file
+
+pytestmark = pytest.mark.slow
+CONFIG = REPO / "configs" / "tiny_sdxl_dpo.yaml"
+
+
+def countdown(images, prompts):  # the scorer "test_train_eval:countdown"
+    """Every call scores lower than the one before (a counter file in the run's working folder), so the first
+    evaluation is the best and later ones are not."""
+    path = Path("eval_calls")
+    calls = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(calls + 1))
+    return np.full(len(images), 100.0 - calls, np.float32)
+
+
+def _train(workdir: Path, steps: int):
+    done = run_dpojax(workdir, "train", CONFIG, f"model.pretrained={workdir / 'tiny-sdxl'}",
+                      f"data.data_dir={workdir / 'pairs'}", f"train.output_dir={workdir / 'run'}",
+                      f"dpo.steps={steps}", "dpo.pairs_per_device=1", "train.checkpoint_every=0",
+                      "train.keep_checkpoints=1", "train.eval_every=2", "train.eval_scorer=test_train_eval:countdown",
+                      "train.eval_images_per_prompt=1", "train.sample_steps=2", "train.export=none",
+                      "optim.warmup_steps=1")
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_the_best_scored_checkpoint_is_kept_and_exported(tmp_path, tiny_sdxl):
+    workdir = pairs_workdir(tmp_path, tiny_sdxl, 24, eval_rows=2)
+    run = workdir / "run"
+    _train(workdir, 4)  # evaluations at steps 2 (score 100) and 4 (99)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    _train(workdir, 6)  # resumed: step 6 scores 98; keep_checkpoints=1 drops 4, the best (2) stays
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 6]
+    assert json.loads((run / "checkpoints" / "best.json").read_text()) == {"step": 2, "score": 100.0}
+    evals = [(r["step"], r["eval_median"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "eval_median" in r]
+    assert evals == [(2, 100.0), (4, 99.0), (6, 98.0)]
+
+    best, step_2 = workdir / "best", workdir / "step_2"
+    assert run_dpojax(workdir, "export", run, best, "--step", "best").returncode == 0
+    assert run_dpojax(workdir, "export", run, step_2, "--step", "2", "--kind", "unet").returncode == 0
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(best)
+    want = load_file(step_2 / "diffusion_pytorch_model.safetensors")
+    got = {k: v.numpy() for k, v in pipe.unet.state_dict().items()}
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    latest = run_dpojax(workdir, "export", run, workdir / "latest", "--kind", "unet")
+    assert latest.returncode == 0, latest.stderr
+    moved = load_file(workdir / "latest" / "diffusion_pytorch_model.safetensors")
+    assert any(not np.array_equal(moved[k], want[k]) for k in want)  # best is not simply the latest
+
+    missing = run_dpojax(workdir, "export", run, workdir / "nope", "--step", "4")
+    assert missing.returncode == 2 and "has no checkpoint '4'" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1

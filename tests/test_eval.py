@@ -1,6 +1,7 @@
 """``dpojax eval`` on the tiny SDXL pipeline (CPU, subprocesses with 1 device).
 
-- Bad input (a missing model folder, an unknown scorer, an empty prompt file) is a one-line error naming it.
+- Bad input (a missing model folder, an unknown scorer, an empty prompt file, a scorer option no scorer takes, a
+  scorer without its model files) is a one-line error naming it.
 - A policy trained by the brightness D3PO demo (the settings ``test_d3po_online.py`` shows to brighten images)
   beats the initial model: its brightness win rate is above 0.5 with a 95% interval that excludes 0.5.
 - Its report renders in headless Chromium (every image loads; the screenshot is not blank).
@@ -65,7 +66,9 @@ def test_bad_input_is_one_line_naming_it(tmp_path, tiny_sdxl, capsys):
     cases = [([str(tmp_path / "nowhere"), *base], "nowhere"),
              ([str(tiny_sdxl), "--against", str(tmp_path / "missing-ref"), *base], "missing-ref"),
              ([str(tiny_sdxl), *base, "--scorers", "brightness,sharpness"], "'sharpness'"),
-             ([str(tiny_sdxl), "--prompts", str(empty), "--out", str(tmp_path / "out")], "empty.txt")]
+             ([str(tiny_sdxl), "--prompts", str(empty), "--out", str(tmp_path / "out")], "empty.txt"),
+             ([str(tiny_sdxl), *base, "--scorer-option", "pickscore_model=/models/pickscore"], "pickscore_model"),
+             ([str(tiny_sdxl), *base, "--scorers", "pickscore"], "pickscore_model=")]
     for args, culprit in cases:
         assert main(["eval", *args]) == 2
         err = capsys.readouterr().err

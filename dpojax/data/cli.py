@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from dpojax.data.schema import DEFAULT_SPLITS
 
 
@@ -30,16 +28,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _scorer(args: argparse.Namespace):
-    """``--scorer`` with its ``--scorer-option KEY=VALUE`` options (values read as YAML: numbers become numbers)."""
-    from dpojax.feedback.scorers import make_scorer
+    """``--scorer`` with its ``--scorer-option KEY=VALUE`` options."""
+    from dpojax.feedback.scorers import make_scorer, parse_options
 
-    options = {}
-    for item in args.scorer_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--scorer-option {item!r} is not KEY=VALUE")
-        options[key] = yaml.safe_load(value)
-    return make_scorer(args.scorer, **options)
+    return make_scorer(args.scorer, **parse_options(args.scorer_option))
 
 
 def cmd_relabel(args: argparse.Namespace) -> None:

@@ -9,14 +9,19 @@ import argparse
 def cmd_eval(args: argparse.Namespace) -> int:
     from dpojax.evaluate.images import Sampling
     from dpojax.evaluate.run import evaluate, read_prompts
+    from dpojax.feedback.scorers import options_taken, parse_options
 
     scorer_specs = [part.strip() for part in args.scorers.split(",")]
     if not all(scorer_specs):
         raise ValueError(f"--scorers {args.scorers!r} has an empty part")
+    options = parse_options(args.scorer_option)
+    unused = sorted(set(options) - {k for spec in scorer_specs for k in options_taken(spec, options)})
+    if unused:
+        raise ValueError(f"--scorer-option {unused[0]} is taken by none of the scorers {args.scorers!r}")
     sampling = Sampling(num_steps=args.num_steps, guidance=args.guidance, resolution=args.resolution,
                         batch_size=args.batch_size)
     evaluate(args.model, args.against, read_prompts(args.prompts), scorer_specs, args.out, seeds=args.seeds,
-             sampling=sampling)
+             sampling=sampling, scorer_options=options)
     return 0
 
 
@@ -29,6 +34,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--scorers", default="brightness",
                    help="comma-separated scorer names or package.module:callable paths, each scored separately")
+    p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model file of a scorer, e.g. pickscore_model=DIR, pickscore_processor=DIR, clip_model=DIR, "
+                        "clip_processor=DIR, head=FILE (aesthetic); repeatable")
     p.add_argument("--out", required=True, help="output folder (its image cache makes reruns resume)")
     p.add_argument("--seeds", type=int, default=1, help="images per prompt, seeds 0..N-1 (default 1)")
     p.add_argument("--num-steps", type=int, default=30, help="DDIM steps, eta 0 (default 30)")

@@ -21,7 +21,7 @@ from dpojax.diffusers_folder import read_pipeline_folder
 from dpojax.evaluate.images import ImageCache, Row, Sampling, sample_rows
 from dpojax.evaluate.report import render_report
 from dpojax.evaluate.stats import MEAN_INTERVAL, WIN_RATE_INTERVAL, mean_interval, win_rate
-from dpojax.feedback.scorers import Scorer, make_scorer, score_per_image
+from dpojax.feedback.scorers import Scorer, make_scorer, options_taken, score_per_image
 from dpojax.pipeline import Pipeline
 from dpojax.weights.atomic import atomic_file
 
@@ -111,11 +111,12 @@ def describe(name: str, summary: dict) -> str:
 
 
 def evaluate(model: str | Path, reference: str | Path | None, prompts: list[str], scorer_specs: list[str],
-             out_dir: str | Path, *, sampling: Sampling, seeds: int = 1) -> dict:
-    """Run an evaluation into ``out_dir`` (resuming from its image cache); returns the results."""
+             out_dir: str | Path, *, sampling: Sampling, seeds: int = 1, scorer_options: dict | None = None) -> dict:
+    """Run an evaluation into ``out_dir`` (resuming from its image cache); returns the results. Each scorer gets
+    the ``scorer_options`` (model files) its built-in parts take."""
     if seeds < 1 or sampling.batch_size < 1 or sampling.num_steps < 1:
         raise ValueError("--seeds, --batch-size and --num-steps must be at least 1")
-    scorers = [make_scorer(spec) for spec in scorer_specs]
+    scorers = [make_scorer(spec, **options_taken(spec, scorer_options or {})) for spec in scorer_specs]
     folders = {"model": check_model_folder(model)}
     if reference is not None:
         folders["reference"] = check_model_folder(reference)

@@ -114,13 +114,30 @@ OPTION_KEYS = {"clip_model": "clip_model", "clip_processor": "clip_processor", "
                "pickscore_model": "pickscore_model", "pickscore_processor": "pickscore_processor"}
 
 
+def options_taken(spec: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that the built-in parts of ``spec`` take (several scorers may share one set)."""
+    taken = {name for part in str(spec).split(",") if part.strip() in BUILTIN for name in BUILTIN[part.strip()][1]}
+    return {k: v for k, v in options.items() if k in taken}
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` command-line scorer options; values read as YAML (numbers become numbers)."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--scorer-option {item!r} is not KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
 def scorer_from_config(spec: str, files: Any, what: str) -> Scorer:
     """``make_scorer(spec)`` with the model files of the config's ``scorers`` section that its built-in parts
     take; ``what`` (the config key naming ``spec``) starts any error."""
-    parts = [part.strip() for part in str(spec).split(",")]
-    taken = {name for part in parts if part in BUILTIN for name in BUILTIN[part][1]}
-    options = {name: getattr(files, key) for name, key in OPTION_KEYS.items()
-               if name in taken and getattr(files, key) is not None}
+    files = {name: getattr(files, key) for name, key in OPTION_KEYS.items() if getattr(files, key) is not None}
+    options = options_taken(spec, files)
     try:
         return make_scorer(spec, **options)
     except ValueError as err:

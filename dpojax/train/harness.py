@@ -328,13 +328,13 @@ class Evaluator:
 
     def __call__(self) -> dict[str, float]:
         """The scores' median (the paper's checkpoint rule) and mean; their images go to TensorBoard."""
-        from dpojax.feedback.scorers import score_images
+        from dpojax.feedback.scorers import score_per_image
         from dpojax.train.samples import eval_images, image_grid
 
         run = self.run
         unet = nnx.merge(run.components.unet, policy_unet_params(run.components, run.state.params, run.frozen))
         images, prompts = eval_images(run.config, run.components, unet, run.frozen, self.prompts)
-        scores = score_images(self.scorer, images, prompts)
+        scores = score_per_image(self.scorer, images, prompts)  # a median needs one number per image
         run.log.image(run.step, "eval/images", image_grid(images, columns=len(self.prompts)))
         return {"eval_median": float(np.median(scores)), "eval_mean": float(np.mean(scores))}
 

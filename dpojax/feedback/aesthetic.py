@@ -19,6 +19,7 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from dpojax.feedback.scorers import fixed_size_batches
 from dpojax.models import layers
 from dpojax.models.clip_vision import CLIPVisionModelWithProjection, clip_preprocess, load_clip_vision
 from dpojax.weights import naming
@@ -106,10 +107,6 @@ class AestheticScorer:
         return cls(load_clip_vision(clip_model), load_head(head), batch_size=batch_size)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str] = ()) -> np.ndarray:
-        images = np.asarray(images)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
-            padded = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch), axis=0)])
-            out.append(np.asarray(self._score(self._state, padded))[:len(batch)])
+        out = [np.asarray(self._score(self._state, batch["images"]))[:count]
+               for batch, count in fixed_size_batches({"images": np.asarray(images)}, self.batch_size)]
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)

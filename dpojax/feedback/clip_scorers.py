@@ -23,6 +23,7 @@ from transformers import CLIPTokenizer
 
 from dpojax import parallel
 from dpojax.diffusers_folder import tokenize
+from dpojax.feedback.scorers import fixed_size_batches
 from dpojax.models.clip import CLIPModel, load_clip, unit
 from dpojax.models.clip_vision import CLIP_MEAN, CLIP_STD, clip_preprocess
 from dpojax.weights.folder import component_folder
@@ -77,11 +78,7 @@ class CLIPScorer:
         if len(ids) != len(images):
             raise ValueError(f"CLIP scorer: {len(images)} images but {len(ids)} prompts")
         out = []
-        for start in range(0, len(images), self.batch_size):
-            rows = {"input_ids": ids[start:start + self.batch_size], "images": images[start:start + self.batch_size]}
-            count = len(rows["images"])
-            batch = {k: np.concatenate([v, np.repeat(v[-1:], self.batch_size - count, axis=0)])
-                     for k, v in rows.items()}
+        for batch, count in fixed_size_batches({"input_ids": ids, "images": images}, self.batch_size):
             if self.mesh is None:
                 out.append(np.asarray(self._score(self._state, batch["input_ids"], batch["images"]))[:count])
             else:

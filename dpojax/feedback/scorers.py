@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +182,16 @@ def _stacked(scorers: list[Scorer]) -> ScoreFn:
         return np.concatenate([c.reshape(len(images), -1) for c in columns], axis=1)
 
     return score
+
+
+def fixed_size_batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Consecutive ``size``-row batches of every array, the last padded with copies of its last row, so a jitted
+    scorer compiles one shape: (batch, how many of its rows are real)."""
+    total = len(next(iter(arrays.values())))
+    for start in range(0, total, size):
+        rows = {k: v[start:start + size] for k, v in arrays.items()}
+        count = min(size, total - start)
+        yield {k: np.concatenate([v, np.repeat(v[-1:], size - count, axis=0)]) for k, v in rows.items()}, count
 
 
 def score_images(scorer: Scorer | ScoreFn, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:

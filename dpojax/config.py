@@ -148,8 +148,7 @@ class ScorersConfig:
     pickscore_model: str | None = _field(None, "the pickscore reward's local PickScore_v1 folder (a CLIPModel)")
     pickscore_processor: str | None = _field(None, "the pickscore reward's tokenizer and processor folder "
                                                    "(CLIP-ViT-H-14-laion2B-s32B-b79K; default: pickscore_model)")
-    aesthetic_head: str | None = _field(None, "the aesthetic reward's LAION predictor weights (.safetensors, or "
-                                              ".pth with torch installed)")
+    aesthetic_head: str | None = _field(None, "the aesthetic reward's LAION predictor weights (.pth or .safetensors)")
 
 
 @dataclasses.dataclass(frozen=True)

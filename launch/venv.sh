@@ -14,4 +14,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q -e "${root}[test]"
   echo "$want" > "$stamp"
 fi
+# The HPSv2 and ImageReward originals (parity tests only) go beside the venv, without their dependencies:
+# tests/torch_oracles.py says why they cannot share it.
+oracles="$venv/oracles"
+want_oracles="$(sha256sum "$root/tests/oracles.txt" | cut -d' ' -f1)"
+if [ "$(cat "$oracles/.stamp" 2>/dev/null)" != "$want_oracles" ]; then
+  rm -rf "$oracles"
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation --target "$oracles" -r "$root/tests/oracles.txt"
+  echo "$want_oracles" > "$oracles/.stamp"
+fi
 export PATH="$venv/bin:$PATH"

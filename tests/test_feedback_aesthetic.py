@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from helpers import patterned_images, perturb_, rel_err
 from safetensors.numpy import load_file, save_file
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -168,10 +169,16 @@ def test_head_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"aesthetic head .*bad.safetensors: weights do not match.*layers.4.weight"):
         load_head(tmp_path / "bad.safetensors")
 
-    torch.save({k: torch.from_numpy(v) for k, v in _head_state().items()}, tmp_path / "head.pth")
-    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
-    with pytest.raises(ValueError, match=r"head.pth: reading a .pth file needs PyTorch, which is not installed"):
-        load_head(tmp_path / "head.pth")
+    state = _head_state()
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "head.pth")
+    save_file(state, str(tmp_path / "same.safetensors"))
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed: the .pth still loads
+    from_pth = nnx.state(load_head(tmp_path / "head.pth"))
+    from_safetensors = nnx.state(load_head(tmp_path / "same.safetensors"))
+    jax.tree.map(np.testing.assert_array_equal, from_pth, from_safetensors)
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "head.pth").read_bytes()[:-200])
+    with pytest.raises(ValueError, match=r"aesthetic head weights .*cut.pth is not a readable torch.save file"):
+        load_head(tmp_path / "cut.pth")
     with pytest.raises(FileNotFoundError, match="nothing.safetensors do not exist"):
         load_head(tmp_path / "nothing.safetensors")
     with pytest.raises(ValueError, match="scorer 'aesthetic' needs clip_model="):

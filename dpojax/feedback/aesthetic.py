@@ -4,7 +4,7 @@ embeddings, read from local files the user points to.
 The head is https://github.com/christophschuhmann/improved-aesthetic-predictor's ``MLP``: Linear layers
 768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between (inactive at inference) and no nonlinearity. Its
 ``sac+logos+ava1-l14-linearMSE.pth`` is a PyTorch state dict (``layers.{0,2,4,6,7}.{weight,bias}``); the same keys
-in a .safetensors file are read without torch.
+in a .safetensors file work too. Neither needs torch.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dpojax.feedback.scorers import fixed_size_batches
 from dpojax.models import layers
 from dpojax.models.clip_vision import CLIPVisionModelWithProjection, clip_preprocess, load_clip_vision
 from dpojax.weights import naming
+from dpojax.weights.torch_pickle import read_state_dict
 
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)
 HEAD_LINEAR_INDICES = (0, 2, 4, 6, 7)  # positions of the Linear layers in the PyTorch nn.Sequential
@@ -46,29 +47,18 @@ class AestheticHead(nnx.Module):
 
 
 def read_head_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """The head's tensors from a .safetensors file, or from the original .pth (needs torch)."""
+    """The head's tensors from a .safetensors file or from the original .pth."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"aesthetic head weights {path} do not exist")
     if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"aesthetic head weights {path} do not exist")
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"aesthetic head weights {path} cannot be read: {err}") from None
     if path.suffix not in (".pth", ".pt", ".bin"):
         raise ValueError(f"aesthetic head weights {path}: expected a .safetensors or .pth file")
-    try:
-        import torch
-    except ImportError:
-        raise ValueError(f"aesthetic head weights {path}: reading a .pth file needs PyTorch, which is not "
-                         f"installed; install torch or convert the state dict to .safetensors") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
-        raise ValueError(f"aesthetic head weights {path} cannot be read by torch.load: {err}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"aesthetic head weights {path} is not a state dict (found {type(state).__name__})")
-    return {k: v.detach().float().numpy() for k, v in state.items()}
+    return read_state_dict(path, "aesthetic head weights")
 
 
 def load_head(path: str | Path) -> AestheticHead:

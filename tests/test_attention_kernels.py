@@ -95,6 +95,7 @@ def test_auto_picks_the_platform_kernel():
     ("splash", "cpu", jnp.float32, 128, False, "TPU kernel"),
     ("cudnn", "gpu", jnp.float32, 77, False, "needs bf16/fp16"),
     ("cudnn", "cpu", jnp.bfloat16, 77, False, "needs a GPU"),
+    ("cudnn", "gpu", jnp.bfloat16, 77, True, "without masks"),  # text encoders: the mask must not be dropped
 ])
 def test_a_kernel_that_cannot_take_a_call_says_why(kernel, platform, dtype, kv_len, masked, reason):
     q = jnp.zeros((1, 128, 2, 64), dtype)

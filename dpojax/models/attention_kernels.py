@@ -12,11 +12,11 @@
   also a fallback for long sequences on any platform.
 - ``auto``: cudnn on GPU, splash on TPU, xla elsewhere.
 
-A kernel that cannot take a call (cross-attention to 77 text tokens under splash, fp32 under cuDNN, a causal
-mask, the VAE's 512-wide heads under cuDNN) falls back for that call: to blocked when the call is unmasked and
-longer than a query block (no score matrix of a 16384-token image), else to xla. Which kernel ran, and why, is
-logged once per distinct choice at trace time (``logging`` name ``dpojax.attention``) and kept in
-:data:`CHOSEN` for reports such as `dpojax bench`.
+A kernel that cannot take a call (cross-attention to 77 text tokens under splash, fp32 under cuDNN, a mask or
+causal attention under either, the VAE's 512-wide heads under cuDNN) falls back for that call: to blocked when
+the call is unmasked and longer than a query block (no score matrix of a 16384-token image), else to xla. Which
+kernel ran, and why, is logged once per distinct choice at trace time (``logging`` name ``dpojax.attention``)
+and kept in :data:`CHOSEN` for reports such as `dpojax bench`.
 All kernels compute the same function; tests compare them with a NumPy reference.
 """
 
@@ -62,6 +62,8 @@ def unsupported_reason(kernel: str, q: jax.Array, k: jax.Array, *, platform: str
             return f"cuDNN flash attention needs bf16/fp16, got {q.dtype}"
         if q.shape[-1] % 8 or q.shape[-1] > 128:
             return f"cuDNN flash attention needs head_dim a multiple of 8 up to 128, got {q.shape[-1]}"
+        if masked:  # the cudnn call here takes no mask: a masked or causal call must not lose it
+            return "cuDNN is used without masks (the UNet's attention)"
     if kernel == "splash":
         if platform != "tpu":
             return f"splash is a TPU kernel, running on {platform}"

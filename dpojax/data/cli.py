@@ -43,7 +43,7 @@ def cmd_relabel(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from dpojax.data.feedback import generate_pairs
     from dpojax.evaluate.images import Sampling
-    from dpojax.evaluate.run import read_prompts
+    from dpojax.evaluate.prompts import read_prompts
 
     prompts = read_prompts(args.prompts)
     sampling = Sampling(num_steps=args.num_steps, guidance=args.guidance, resolution=args.resolution,
@@ -97,7 +97,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate", help="sample k images per prompt, score them, write the best pairs as Pick-a-Pic")
     p.add_argument("model", help="diffusers pipeline folder to sample")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--prompts", required=True,
+                   help="text file, one prompt per line, or any prompt set `dpojax eval --prompts` reads")
     p.add_argument("--images-per-prompt", type=int, default=4, help="k images per prompt (default 4)")
     p.add_argument("--scorer", required=True, help=scorer_help)
     p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE", help=option_help)

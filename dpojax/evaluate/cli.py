@@ -1,5 +1,5 @@
-"""``dpojax eval MODEL [--against REF] --prompts FILE --out DIR``; ``register_cli`` adds it (the heavy imports
-wait until the command runs)."""
+"""``dpojax eval MODEL [--against REF] --prompts PATH [--split NAME] --out DIR``; ``register_cli`` adds it (the
+heavy imports wait until the command runs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import argparse
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dpojax.evaluate.images import Sampling
-    from dpojax.evaluate.run import evaluate, read_prompts
+    from dpojax.evaluate.prompts import read_prompts
+    from dpojax.evaluate.run import evaluate
     from dpojax.feedback.scorers import options_taken, parse_options
 
     scorer_specs = [part.strip() for part in args.scorers.split(",")]
@@ -20,8 +21,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--scorer-option {unused[0]} is taken by none of the scorers {args.scorers!r}")
     sampling = Sampling(num_steps=args.num_steps, guidance=args.guidance, resolution=args.resolution,
                         batch_size=args.batch_size)
-    evaluate(args.model, args.against, read_prompts(args.prompts), scorer_specs, args.out, seeds=args.seeds,
-             sampling=sampling, scorer_options=options)
+    prompts = read_prompts(args.prompts, args.split)
+    evaluate(args.model, args.against, prompts, scorer_specs, args.out, seeds=args.seeds, sampling=sampling,
+             scorer_options=options)
     return 0
 
 
@@ -31,7 +33,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                                            "intervals; images cached, report.html")
     p.add_argument("model", help="diffusers pipeline folder, e.g. a training run's final/")
     p.add_argument("--against", help="reference pipeline folder: same prompts, seeds and sampler")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--prompts", required=True,
+                   help="a text file (one prompt per line), PartiPrompts.tsv (its Prompt column), an HPSv2 "
+                        "benchmark .json (a list of prompts) or a folder of them (all, in file name order), or "
+                        "a `dpojax data prepare` folder (the unique captions of --split)")
+    p.add_argument("--split", help="split of the prepared dataset that --prompts names (default validation_unique)")
     p.add_argument("--scorers", default="brightness",
                    help="comma-separated scorer names or package.module:callable paths, each scored separately")
     p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE",

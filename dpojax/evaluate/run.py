@@ -26,18 +26,6 @@ from dpojax.pipeline import Pipeline
 from dpojax.weights.atomic import atomic_file
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """The non-empty lines of a text file, stripped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise ValueError(f"prompt file {path} cannot be read: {err.strerror or err}") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts
-
-
 def check_model_folder(folder: str | Path) -> Path:
     """``folder`` as a Path once it is known to be a diffusers pipeline folder."""
     folder = Path(folder)

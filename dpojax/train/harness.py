@@ -318,7 +318,7 @@ class Evaluator:
     """``train.eval_every``: the policy's images of fixed prompts and seeds, scored by ``train.eval_scorer``."""
 
     def __init__(self, run: Run):
-        from dpojax.evaluate.run import read_prompts
+        from dpojax.evaluate.prompts import read_prompts
         from dpojax.feedback.scorers import scorer_from_config
 
         train = run.config.train

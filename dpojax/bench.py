@@ -11,9 +11,14 @@ here) runs the reference Diffusion-DPO step with diffusers' UNet loaded from the
 same inputs, batch, dtype and thread count, and the ratio JAX / PyTorch is printed. The same is done for a
 D3PO step over K denoising steps (``dpojax.train.d3po.update_program``) on the same models and pairs.
 
+With ``--scorers``, each scorer (``dpojax.feedback.scorers``) is timed too, as a whole call from uint8 images and
+prompts (tokenization, preprocessing, fixed-size batches) on random images and fixed prompts of varied length,
+against its PyTorch original (``dpojax.bench_torch_scorers``) built from the same files and scoring the same
+images in batches of the same size; images/s on both sides, and how far apart their scores are.
+
 Rounds alternate a block of JAX calls with a block of PyTorch calls, so a change in machine load hits both;
-the ratio is the median of the per-round ratios. MFU uses the FLOPs of XLA's cost analysis of the compiled
-step (per device) and the device's dense bf16 peak when it is known.
+the ratio (of times: below 1, JAX is faster) is the median of the per-round ratios. MFU uses the FLOPs of XLA's
+cost analysis of the compiled step (per device) and the device's dense bf16 peak when it is known.
 """
 
 from __future__ import annotations
@@ -82,14 +87,20 @@ def timed_block(call: Callable[[], None], iters: int) -> list[float]:
 
 @dataclasses.dataclass
 class Case:
-    """One benchmarked step: the JAX call (state carried between calls) and optionally the PyTorch one."""
+    """One benchmarked call doing ``count`` ``unit`` of work: the JAX call (a training step carries its state
+    between calls) and optionally the PyTorch one. A scorer is timed as a whole call, host work included, so it
+    has no FLOP count; its ``compile_s`` is its first call, which compiles."""
 
     name: str
-    pairs: int
+    count: int
     jax_call: Callable[[], None]
     compile_s: float
     flops: float | None
     torch_call: Callable[[], None] | None = None
+    unit: str = "pairs"
+    call: str = "step"
+    compile_label: str = "compile"
+    show_mfu: bool = True
 
 
 def _run_rounds(case: Case, iters: int, warmup: int, rounds: int) -> tuple[Timings, Timings | None]:
@@ -228,13 +239,14 @@ def _ms(seconds: float) -> str:
 def report(case: Case, jax_t: Timings, torch_t: Timings | None, torch_note: str | None, out) -> dict:
     device = jax.devices()[0]
     devices = len(jax.devices())
-    line = (f"{case.name} [jax]   compile {jax_t.compile_s:.1f} s; step median {_ms(jax_t.median)} "
-            f"(min {_ms(min(jax_t.all))}, n={len(jax_t.all)}); {case.pairs / jax_t.median:.2f} pairs/s")
+    line = (f"{case.name} [jax]   {case.compile_label} {jax_t.compile_s:.1f} s; {case.call} median "
+            f"{_ms(jax_t.median)} (min {_ms(min(jax_t.all))}, n={len(jax_t.all)}); "
+            f"{case.count / jax_t.median:.2f} {case.unit}/s")
     peak = device_peak_flops(device.device_kind)
     mfu = None
-    if jax_t.flops is None:
+    if case.show_mfu and jax_t.flops is None:
         line += "; MFU: FLOPs unknown (no cost analysis)"
-    else:
+    elif case.show_mfu:
         line += f"; {jax_t.flops / 1e9:.2f} GFLOP/step/device"
         if peak is None:
             line += f"; MFU: peak unknown ({device.platform}: {device.device_kind})"
@@ -242,7 +254,7 @@ def report(case: Case, jax_t: Timings, torch_t: Timings | None, torch_note: str 
             mfu = jax_t.flops / jax_t.median / peak
             line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s"
     print(line, file=out)
-    result = {"name": case.name, "pairs": case.pairs, "jax_median_s": jax_t.median, "jax_compile_s": jax_t.compile_s,
+    result = {"name": case.name, case.unit: case.count, "jax_median_s": jax_t.median, "jax_compile_s": jax_t.compile_s,
               "jax_flops": jax_t.flops, "mfu": mfu, "devices": devices}
     if torch_t is None:
         print(f"{case.name} [torch] skipped: {torch_note}", file=out)
@@ -250,10 +262,10 @@ def report(case: Case, jax_t: Timings, torch_t: Timings | None, torch_note: str 
     ratios = [statistics.median(j) / statistics.median(t) for j, t in zip(jax_t.rounds, torch_t.rounds,
                                                                           strict=True)]
     ratio = statistics.median(ratios)
-    print(f"{case.name} [torch] step median {_ms(torch_t.median)} (min {_ms(min(torch_t.all))}, "
-          f"n={len(torch_t.all)}); {case.pairs / torch_t.median:.2f} pairs/s; {torch_note}", file=out)
+    print(f"{case.name} [torch] {case.call} median {_ms(torch_t.median)} (min {_ms(min(torch_t.all))}, "
+          f"n={len(torch_t.all)}); {case.count / torch_t.median:.2f} {case.unit}/s; {torch_note}", file=out)
     print(f"{case.name} ratio jax/torch = {ratio:.2f} (median of rounds: "
-          f"{' '.join(f'{r:.2f}' for r in ratios)})", file=out)
+          f"{' '.join(f'{r:.2f}' for r in ratios)}; time per {case.call}, below 1: JAX faster)", file=out)
     return {**result, "torch_median_s": torch_t.median, "ratio": ratio, "round_ratios": ratios}
 
 
@@ -265,23 +277,32 @@ def print_attention_kernels(out) -> None:
     CHOSEN.clear()
 
 
-def _torch_module():
-    """``dpojax.bench_torch``, or (None, reason) when PyTorch or diffusers is not installed."""
+def _not_importable(err: ImportError) -> str:
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        return f"{err.name} is not installed"
+    return " ".join(str(err).split())
+
+
+def _torch_module(name: str = "dpojax.bench_torch", extras: str = "torch and diffusers"):
+    """The PyTorch side ``name``, or (None, reason) when what it imports is not installed."""
     try:  # import_module, not `from dpojax import`: that finds a stale package attribute after a failed import
-        bench_torch = importlib.import_module("dpojax.bench_torch")
+        module = importlib.import_module(name)
     except ImportError as err:
-        return None, (f"PyTorch side not timed ({err.name or err} is not installed; "
-                      f"`pip install dpojax[test]` adds torch and diffusers)")
-    return bench_torch, None
+        return None, f"PyTorch side not timed ({_not_importable(err)}; `pip install dpojax[test]` adds {extras})"
+    return module, None
+
+
+def check_counts(iters: int, warmup: int, rounds: int, d3po_k: int = 0) -> None:
+    if iters < 1 or rounds < 1 or warmup < 0 or d3po_k < 0:
+        raise ValueError(f"bench: --iters ({iters}) and --rounds ({rounds}) must be >= 1, --warmup ({warmup}) "
+                         f"and --d3po-k ({d3po_k}) >= 0")
 
 
 def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int = 3, encode: bool = False,
               d3po_k: int = 2, with_torch: bool = True, out=None) -> list[dict]:
     """Benchmark the steps ``config`` describes; prints one block per step and returns the numbers."""
     out = out or sys.stdout
-    if iters < 1 or rounds < 1 or warmup < 0 or d3po_k < 0:
-        raise ValueError(f"bench: --iters ({iters}) and --rounds ({rounds}) must be >= 1, --warmup ({warmup}) "
-                         f"and --d3po-k ({d3po_k}) >= 0")
+    check_counts(iters, warmup, rounds, d3po_k)
     if config.objective != "dpo":
         raise ValueError(f"bench: give a DPO config (objective dpo): the D3PO step is timed on its models and "
                          f"pairs; got objective {config.objective!r}")
@@ -327,19 +348,128 @@ def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int =
     return results
 
 
+# --- the scorers -----------------------------------------------------------------------------------------------
+
+# Of varied length: empty, a few words, and one past CLIP's 77 tokens and ImageReward's 35 (truncated).
+SCORER_PROMPTS = (PROMPT, "a cat", "", "an astronaut riding a horse on the moon, oil painting, dramatic light",
+                  "a busy street market at dusk, lanterns and crowds, " * 10, "Tom & Jerry's house, 4K!")
+
+
+def scorer_inputs(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """``count`` random uint8 ``size`` x ``size`` images and the fixed prompts, cycled."""
+    images = np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    return images, [SCORER_PROMPTS[i % len(SCORER_PROMPTS)] for i in range(count)]
+
+
+def scorer_options(config: Config, specs: list[str], cli_options: dict, images: int, size: int) -> dict:
+    """The model files of the config's ``scorers`` section, with the ``--scorer-option`` ones over them; the
+    arguments checked."""
+    from dpojax.feedback.scorers import OPTION_KEYS, options_taken
+
+    if images < 1 or size < 1:
+        raise ValueError(f"bench: --scorer-images ({images}) and --scorer-size ({size}) must be >= 1")
+    unused = sorted(set(cli_options) - {k for spec in specs for k in options_taken(spec, cli_options)})
+    if unused:
+        raise ValueError(f"bench: --scorer-option {unused[0]} is taken by none of the scorers {','.join(specs)}")
+    files = {name: getattr(config.scorers, key) for name, key in OPTION_KEYS.items()
+             if getattr(config.scorers, key) is not None}
+    return {**files, **cli_options}
+
+
+def scorer_case(spec: str, options: dict, images: np.ndarray, prompts: list[str]) -> tuple[Case, np.ndarray, int]:
+    """(the case calling the JAX scorer ``spec`` on ``images``, its scores, its batch size)."""
+    from dpojax.feedback.scorers import make_scorer, options_taken, score_images
+
+    try:
+        scorer = make_scorer(spec, **options_taken(spec, options))
+    except ValueError as err:
+        where = " (give it with --scorer-option KEY=VALUE or in the config's scorers section)"
+        raise ValueError(f"bench: {err}{where if ' needs ' in str(err) else ''}") from None
+    start = time.perf_counter()
+    scores = score_images(scorer, images, prompts)
+    first = time.perf_counter() - start
+    case = Case(f"scorer {spec}", len(images), lambda: scorer(images, prompts), first, None, unit="images",
+                call="call", compile_label="first call (compiles)", show_mfu=False)
+    return case, scores, getattr(scorer.fn, "batch_size", len(images))
+
+
+def torch_scorer(torch_side, spec: str, options: dict, batch_size: int, images: np.ndarray, prompts: list[str],
+                 jax_scores: np.ndarray):
+    """(the PyTorch original's call or None, what it runs or why not)."""
+    from dpojax.feedback.scorers import options_taken
+
+    device = torch_side.torch_device(jax.default_backend())
+    try:
+        original = torch_side.original(spec, options_taken(spec, options), batch_size=batch_size, device=device)
+    except ImportError as err:
+        return None, f"PyTorch side not timed ({_not_importable(err)}; {torch_side.NEEDS.get(spec, '')})"
+    if original is None:
+        return None, "no PyTorch original (not one of the model-based built-in scorers)"
+    expected = original(images, prompts)
+    diff = np.linalg.norm(jax_scores.reshape(expected.shape) - expected) / max(np.linalg.norm(expected), 1e-12)
+    return (lambda: original(images, prompts)), f"{original.describe()}; scores differ from JAX's by {diff:.1e}"
+
+
+def run_scorer_bench(config: Config, specs: list[str], cli_options: dict, *, images: int = 32, size: int = 512,
+                     iters: int = 10, warmup: int = 2, rounds: int = 3, with_torch: bool = True,
+                     out=None) -> list[dict]:
+    """Time each scorer of ``specs`` (JAX, then its PyTorch original) on the same random images and prompts;
+    prints one block per scorer and returns the numbers."""
+    out = out or sys.stdout
+    check_counts(iters, warmup, rounds)
+    options = scorer_options(config, specs, cli_options, images, size)
+    pixels, prompts = scorer_inputs(images, size)
+    device, threads = jax.devices()[0], thread_count()
+    print(f"dpojax bench scorers: {images} random {size}x{size} images, {len(SCORER_PROMPTS)} prompts of "
+          f"{min(map(len, SCORER_PROMPTS))} to {max(map(len, SCORER_PROMPTS))} characters; JAX on 1 x "
+          f"{device.device_kind} ({device.platform}), {threads} CPU threads", file=out)
+    torch_side, skipped = (_torch_module("dpojax.bench_torch_scorers", "torch") if with_torch
+                           else (None, "--no-torch"))
+    if torch_side is not None:
+        torch_side.use_threads(threads)
+    results = []
+    for spec in specs:
+        case, scores, batch_size = scorer_case(spec, options, pixels, prompts)
+        note = skipped
+        if torch_side is not None:
+            case.torch_call, note = torch_scorer(torch_side, spec, options, batch_size, pixels, prompts, scores)
+        results.append(report(case, *_run_rounds(case, iters, warmup, rounds), note, out))
+        del case  # both models go before the next scorer's load
+    return results
+
+
+def split_scorers(specs: str | None) -> list[str]:
+    parts = [part.strip() for part in (specs or "").split(",")]
+    if specs is not None and not all(parts):
+        raise ValueError(f"bench: --scorers {specs!r} has an empty part")
+    return [part for part in parts if part]
+
+
 def cmd_bench(args) -> int:
     from dpojax.config import load_config
+    from dpojax.feedback.scorers import parse_options
 
     config = load_config(args.config, args.overrides)
-    run_bench(config, iters=args.iters, warmup=args.warmup, rounds=args.rounds, encode=args.encode,
-              d3po_k=args.d3po_k, with_torch=not args.no_torch)
+    specs, options = split_scorers(args.scorers), parse_options(args.scorer_option)
+    if args.scorers_only and not specs:
+        raise ValueError("bench: --scorers-only needs --scorers")
+    if specs:  # a wrong argument fails now, not after the steps have run
+        check_counts(args.iters, args.warmup, args.rounds)
+        scorer_options(config, specs, options, args.scorer_images, args.scorer_size)
+    if not args.scorers_only:
+        run_bench(config, iters=args.iters, warmup=args.warmup, rounds=args.rounds, encode=args.encode,
+                  d3po_k=args.d3po_k, with_torch=not args.no_torch)
+    if specs:
+        run_scorer_bench(config, specs, options, images=args.scorer_images, size=args.scorer_size, iters=args.iters,
+                         warmup=args.warmup, rounds=args.rounds, with_torch=not args.no_torch)
     return 0
 
 
 def register_cli(subparsers) -> None:
     """Add ``bench`` to the ``dpojax`` parser."""
-    p = subparsers.add_parser("bench", help="time the DPO and D3PO training steps (JAX) against the PyTorch "
-                                            "original on the same inputs; pairs/s, compile time, MFU")
+    p = subparsers.add_parser("bench", help="time the DPO and D3PO training steps and the scorers (JAX) against "
+                                            "their PyTorch originals on the same inputs; pairs/s or images/s, "
+                                            "compile time, MFU")
     p.add_argument("config", help="YAML file, e.g. configs/tiny_sdxl_dpo.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. dpo.pairs_per_device=4")
     p.add_argument("--iters", type=int, default=10, help="timed calls per round (default 10)")
@@ -348,4 +478,13 @@ def register_cli(subparsers) -> None:
     p.add_argument("--encode", action="store_true", help="also time the DPO step with VAE and text encoding")
     p.add_argument("--d3po-k", type=int, default=2, help="denoising steps per D3PO update (0: skip D3PO; default 2)")
     p.add_argument("--no-torch", action="store_true", help="time the JAX side only")
+    p.add_argument("--scorers", metavar="SPEC[,SPEC...]",
+                   help="also time these scorers, e.g. pickscore,aesthetic,hps,imagereward (files from the config's "
+                        "scorers section or --scorer-option)")
+    p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a scorer's model file or batch size, e.g. pickscore_model=DIR, head=FILE, batch_size=16; "
+                        "repeatable")
+    p.add_argument("--scorer-images", type=int, default=32, help="random images per scorer call (default 32)")
+    p.add_argument("--scorer-size", type=int, default=512, help="their side in pixels (default 512)")
+    p.add_argument("--scorers-only", action="store_true", help="skip the training steps (no pipeline is loaded)")
     p.set_defaults(run=cmd_bench)

@@ -149,6 +149,15 @@ class ScorersConfig:
     pickscore_processor: str | None = _field(None, "the pickscore reward's tokenizer and processor folder "
                                                    "(CLIP-ViT-H-14-laion2B-s32B-b79K; default: pickscore_model)")
     aesthetic_head: str | None = _field(None, "the aesthetic reward's LAION predictor weights (.pth or .safetensors)")
+    hps_checkpoint: str | None = _field(None, "the hps reward's HPSv2 checkpoint (HPS_v2.1_compressed.pt or "
+                                              "HPS_v2_compressed.pt, or a .safetensors of the same keys)")
+    hps_processor: str | None = _field(None, "the hps reward's tokenizer folder (CLIP-ViT-H-14-laion2B-s32B-b79K)")
+    hps_model_config: str | None = _field(None, "the hps reward's open_clip model config JSON, for a checkpoint "
+                                                "that is not ViT-H-14 (default: ViT-H-14's)")
+    imagereward_model: str | None = _field(None, "the imagereward reward's local THUDM/ImageReward folder "
+                                                 "(ImageReward.pt and med_config.json)")
+    imagereward_tokenizer: str | None = _field(None, "the imagereward reward's local bert-base-uncased tokenizer "
+                                                     "folder (default: imagereward_model)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +263,8 @@ class D3POConfig:
     eval_batch_size: int = _field(10, "images per device per evaluation", POSITIVE)
     reward: str = _field("jpeg_compressibility", "the reward proxy: brightness, jpeg_compressibility, "
                                                  "jpeg_incompressibility, aesthetic, pickscore, clip_score (100 "
-                                                 "max(cos, 0)), clip_cosine, a 'package.module:callable', or several "
-                                                 "joined by ',' (a vector reward, Pareto-compared)")
+                                                 "max(cos, 0)), clip_cosine, imagereward, a 'package.module:callable', "
+                                                 "or several joined by ',' (a vector reward, Pareto-compared)")
     prompts: tuple[str, ...] = _field((), "prompts drawn uniformly with replacement ...")
     prompt_file: str | None = _field(None, "... or from this text file, one prompt per line; a bare name that is "
                                            "not a file here is one of the shipped lists (e.g. animals.txt: the "

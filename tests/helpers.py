@@ -1,11 +1,13 @@
 """Helpers the test modules share (imported by them, not a test): parity against PyTorch, error measures,
-subprocess runs of the ``dpojax`` command, and measurements of a trained model."""
+subprocess runs of the ``dpojax`` command, measurements of a trained model, and tiny random scorer models written
+as their originals publish them."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import socket
+import string
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -215,3 +217,181 @@ def implicit_accuracy(components: Components, params, frozen: dict, batches: Ite
     u = np.concatenate(logits)
     return {"implicit_acc": float(np.mean(u > 0)), "mean_logit": float(np.mean(u)), "pairs": int(u.size),
             "ties": int(np.sum(u == 0))}
+
+
+# --- tiny random scorer models on disk, as each original publishes its files ----------------------------------
+
+# Tiny transformers CLIPModels: text width != image width != projection, both activations, both pooling rules,
+# short and 77 tokens.
+CLIP_CASES = {
+    "quick_gelu": dict(
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, hidden_act="quick_gelu"),
+        vision=dict(hidden_size=40, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=30, patch_size=10, hidden_act="quick_gelu"),
+        projection_dim=24, pad="<|endoftext|>", legacy_eos=False, image_shape=(48, 40)),
+    "gelu": dict(
+        text=dict(hidden_size=24, intermediate_size=30, num_hidden_layers=3, num_attention_heads=2,
+                  max_position_embeddings=20, hidden_act="gelu"),
+        vision=dict(hidden_size=32, intermediate_size=36, num_hidden_layers=3, num_attention_heads=2,
+                    image_size=28, patch_size=7, hidden_act="gelu"),
+        projection_dim=16, pad="!", legacy_eos=True, image_shape=(64, 96)),
+}
+# A tiny CLIP image tower (the aesthetic predictor's CLIP ViT-L/14 in miniature).
+TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                        image_size=30, patch_size=10, projection_dim=24, hidden_act="quick_gelu")
+# Tiny open_clip CLIPs: vision heads from head_width; text width != image width != embed_dim; 77 tokens (HPS's
+# tokenizer).
+HPS_CASES = {
+    "gelu": dict(config=dict(embed_dim=24,
+                             vision_cfg=dict(image_size=30, layers=2, width=40, head_width=10, patch_size=10),
+                             text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2)),
+                 # 48x40 -> 30x25, padded 2 left and 3 right; 25x60 -> 12.5 rows, which HPSv2 rounds to even
+                 image_shapes=[(48, 40), (25, 60)]),
+    "quick_gelu": dict(config=dict(embed_dim=16, quick_gelu=True,
+                                   vision_cfg=dict(image_size=28, layers=3, width=32, head_width=16, patch_size=7,
+                                                   mlp_ratio=2.0),
+                                   text_cfg=dict(context_length=77, vocab_size=49408, width=24, heads=2, layers=3)),
+                       image_shapes=[(20, 13), (64, 64)]),  # upscaled, then a square only downscaled
+}
+# Tiny ImageRewards: ViT widths are multiples of BLIP's 64-wide heads; text width != image width.
+IMAGE_REWARD_CASES = {
+    "one_head": dict(vision=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1),
+                     text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                               max_position_embeddings=40),
+                     # 40x49 resizes to 32x39: torchvision's centre crop starts at column 4, floor division's at 3
+                     image_shapes=[(40, 49), (20, 26)]),
+    "two_heads": dict(vision=dict(img_size=28, patch_size=7, embed_dim=128, depth=3, num_heads=2, mlp_ratio=2.0),
+                      text=dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=56,
+                                max_position_embeddings=35),
+                      image_shapes=[(64, 45), (50, 50)]),  # 64x45 -> 39x28: the crop rules differ by a row
+}
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+              *(f"##{c}" for c in string.ascii_lowercase), "the", "cat", "dog", "red", "car", "on", "wet", "road",
+              "at", "night", "and", ",", "!"]
+BLIP_VOCAB_SIZE = len(BERT_VOCAB) + 2  # BLIP's [DEC] and [ENC] come after bert's vocabulary
+
+
+def write_clip_folder(root: Path, case: str, seed: int = 1):
+    """A perturbed transformers CLIPModel of ``CLIP_CASES[case]`` in ``root/model``, its tokenizer and image
+    processor in ``root/processor`` (PickScore's Hub layout): (torch model, processor folder)."""
+    import transformers
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from dpojax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
+
+    spec = CLIP_CASES[case]
+    size = spec["vision"]["image_size"]
+    ids = write_tiny_clip_tokenizer(root / "processor", vocab_size=600, pad_token=spec["pad"],
+                                    model_max_length=spec["text"]["max_position_embeddings"])
+    if spec["legacy_eos"]:  # old configs pool at the highest id, which the tokenizer's EOS is
+        ids["eos_token_id"] = 2
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        root / "processor")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(text_config={**spec["text"], "vocab_size": 600, **ids},
+                                     vision_config=spec["vision"], projection_dim=spec["projection_dim"])
+    reference = perturb_(transformers.CLIPModel(config).eval(), seed=seed)
+    reference.save_pretrained(root / "model")
+    return reference, root / "processor"
+
+
+def tiny_clip_vision(seed: int = 1, **overrides):
+    """A perturbed transformers CLIPVisionModelWithProjection of ``TINY_CLIP_VISION`` (with ``overrides``)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(**{**TINY_CLIP_VISION, **overrides})
+    return perturb_(transformers.CLIPVisionModelWithProjection(config).eval(), seed=seed)
+
+
+def aesthetic_head_state(seed: int = 0, dim: int = 24) -> dict[str, np.ndarray]:
+    """Random weights of the LAION aesthetic head (``layers.{0,2,4,6,7}``) for ``dim``-d embeddings."""
+    rng = np.random.RandomState(seed)
+    dims = (dim, 1024, 128, 64, 16, 1)
+    state = {}
+    for index, (i, o) in zip((0, 2, 4, 6, 7), zip(dims, dims[1:], strict=False), strict=True):
+        state[f"layers.{index}.weight"] = (rng.randn(o, i) / np.sqrt(i)).astype(np.float32)
+        state[f"layers.{index}.bias"] = rng.randn(o).astype(np.float32)
+    return state
+
+
+def write_clip_h_tokenizer(folder: Path, bpe_path: Path) -> Path:
+    """CLIP's BPE tokenizer (the files of laion/CLIP-ViT-H-14-laion2B-s32B-b79K) from open_clip's merges: the
+    vocabulary is the byte characters, then each with the word end ``</w>``, then one token per merge, then the
+    two special tokens. The pad token is ``!`` (id 0), what open_clip pads with."""
+    import gzip
+    import json
+
+    from dpojax.weights.tiny_tokenizer import BOS, EOS, byte_level_chars
+
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]  # CLIP's vocabulary keeps the first 48894 merges
+    chars = byte_level_chars()  # in byte order; CLIP's lists the printable bytes, then the shifted rest
+    chars = [c for c in chars if ord(c) < 256] + [c for c in chars if ord(c) >= 256]
+    tokens = [*chars, *(c + "</w>" for c in chars), *(m.replace(" ", "") for m in merges), BOS, EOS]
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": "!"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **specials}))
+    return folder
+
+
+def write_hps_processor(folder: Path) -> Path:
+    """The CLIP-H tokenizer folder HPS reads, from the BPE merges that ship with open_clip (the oracles)."""
+    import torch_oracles
+
+    torch_oracles.open_clip()
+    return write_clip_h_tokenizer(folder, torch_oracles.ORACLES / "open_clip" / "bpe_simple_vocab_16e6.txt.gz")
+
+
+def write_hps_checkpoint(root: Path, case: str, seed: int):
+    """A perturbed open_clip CLIP of ``HPS_CASES[case]`` saved as HPSv2 publishes it (``{"state_dict": ...}``),
+    with its open_clip model config JSON: (the torch model, checkpoint, config)."""
+    import json
+
+    import torch_oracles
+
+    spec = HPS_CASES[case]["config"]
+    torch.manual_seed(seed)
+    model = perturb_(torch_oracles.open_clip().model.CLIP(**spec), seed=seed + 1).eval()
+    torch.save({"state_dict": model.state_dict()}, root / f"{case}.pt")
+    (root / f"{case}.json").write_text(json.dumps(spec))
+    return model, root / f"{case}.pt", root / f"{case}.json"
+
+
+def write_image_reward(root: Path, case: str, seed: int = 1):
+    """A perturbed original ImageReward of ``IMAGE_REWARD_CASES[case]`` (``dpojax.bench_torch_scorers`` puts it
+    together, as its loaders would download BERT and configs), saved as ``root/model/ImageReward.pt`` and
+    ``med_config.json``, with a BERT vocabulary in ``root/tokenizer``: (the torch ImageReward, model folder,
+    tokenizer folder)."""
+    import json
+
+    import torch_oracles
+
+    from dpojax.bench_torch_scorers import blip_tokenizer, build_image_reward
+
+    torch_oracles.image_reward()
+    spec = IMAGE_REWARD_CASES[case]
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "tokenizer" / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    # As published: encoder_width is BLIP-base's even though the checkpoint's ViT differs (BLIP_Pretrain overrides).
+    config = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu",
+                  hidden_dropout_prob=0.1, initializer_range=0.02, layer_norm_eps=1e-12, model_type="bert",
+                  pad_token_id=0, type_vocab_size=2, vocab_size=BLIP_VOCAB_SIZE, encoder_width=768,
+                  add_cross_attention=True, **spec["text"])
+    torch.manual_seed(0)
+    model = build_image_reward(spec["vision"], config, blip_tokenizer(root / "tokenizer"), proj_dim=16)
+    with torch.no_grad():  # MLP's init shrinks its input ~100-fold; a trained head, like this, does not
+        for layer in model.mlp.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, layer.in_features ** -0.5)
+    perturb_(model, seed=seed).eval()
+    (root / "model").mkdir()
+    torch.save(model.state_dict(), root / "model" / "ImageReward.pt")
+    (root / "model" / "med_config.json").write_text(json.dumps(config, indent=2))
+    return model, root / "model", root / "tokenizer"

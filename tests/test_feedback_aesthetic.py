@@ -8,30 +8,24 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from helpers import patterned_images, perturb_, rel_err
+from helpers import TINY_CLIP_VISION as VISION
+from helpers import aesthetic_head_state, patterned_images, perturb_, rel_err, tiny_clip_vision
 from safetensors.numpy import load_file, save_file
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from dpojax.bench_torch_scorers import aesthetic_original
 from dpojax.feedback.aesthetic import AestheticScorer, load_head
 from dpojax.feedback.scorers import make_scorer, score_images
 from dpojax.models.clip_vision import CLIPVisionModelWithProjection, clip_preprocess, load_clip_vision
 from dpojax.weights import io, naming
 
-VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=30,
-              patch_size=10, projection_dim=24, hidden_act="quick_gelu")
 TEXT = dict(vocab_size=99, hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2,
             max_position_embeddings=16)
 
 
-def _torch_vision(seed=1, **overrides):
-    torch.manual_seed(0)
-    config = transformers.CLIPVisionConfig(**{**VISION, **overrides})
-    return perturb_(transformers.CLIPVisionModelWithProjection(config).eval(), seed=seed)
-
-
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_vision_tower_matches_transformers(tmp_path, act):
-    reference = _torch_vision(hidden_act=act)
+    reference = tiny_clip_vision(hidden_act=act)
     reference.save_pretrained(tmp_path)
     model = load_clip_vision(tmp_path)
     pixels = np.random.RandomState(0).randn(3, 30, 30, 3).astype(np.float32)
@@ -79,7 +73,7 @@ def test_image_tower_of_a_whole_clip_model_and_a_4x_file(tmp_path):
 
 
 def test_missing_vision_weights_are_named(tmp_path):
-    _torch_vision().save_pretrained(tmp_path)
+    tiny_clip_vision().save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     del state["visual_projection.weight"]
     save_file(state, str(tmp_path / "model.safetensors"))
@@ -105,16 +99,6 @@ def test_preprocessing_matches_clip_image_processor(height, width):
     assert np.array_equal(ours, expected)
 
 
-def _head_state(seed=0, dim=24):
-    rng = np.random.RandomState(seed)
-    dims = (dim, 1024, 128, 64, 16, 1)
-    state = {}
-    for index, (i, o) in zip((0, 2, 4, 6, 7), zip(dims, dims[1:], strict=False), strict=True):
-        state[f"layers.{index}.weight"] = (rng.randn(o, i) / np.sqrt(i)).astype(np.float32)
-        state[f"layers.{index}.bias"] = rng.randn(o).astype(np.float32)
-    return state
-
-
 def _numpy_head(state, embeds):
     """The head the way improved-aesthetic-predictor computes it: x @ W.T + b through the five Linear layers."""
     x = embeds.astype(np.float64)
@@ -125,7 +109,7 @@ def _numpy_head(state, embeds):
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_head_matches_numpy(tmp_path, suffix):
-    state = _head_state(dim=768)
+    state = aesthetic_head_state(dim=768)
     path = tmp_path / f"head{suffix}"
     if suffix == ".pth":
         torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
@@ -136,18 +120,21 @@ def test_head_matches_numpy(tmp_path, suffix):
 
 
 def test_aesthetic_scorer_matches_transformers_pipeline(tmp_path):
-    """uint8 images -> transformers' processor and CLIP tower -> unit-norm embeds -> NumPy head, vs our scorer
-    (built through make_scorer from the two local files, batches of 3 for 5 images so one batch is padded)."""
-    reference = _torch_vision(seed=4)
-    reference.save_pretrained(tmp_path / "clip")
-    state = _head_state(seed=5)
+    """uint8 images -> transformers' processor and CLIP tower (as ``dpojax bench`` loads them from the folder) ->
+    unit-norm embeds -> NumPy head, vs our scorer (built through make_scorer from the two local files, batches of
+    3 for 5 images so one batch is padded); the bench's original, its torch head read from the .safetensors or a
+    .pth, gives the same."""
+    tiny_clip_vision(seed=4).save_pretrained(tmp_path / "clip")
+    state = aesthetic_head_state(seed=5)
     save_file(state, str(tmp_path / "head.safetensors"))
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "head.pth")
     images = patterned_images(5, 48, 40)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    original = aesthetic_original(tmp_path / "clip", tmp_path / "head.safetensors", batch_size=2)
     with torch.no_grad():
-        pixels = torch.from_numpy(processor(images=list(images), return_tensors="np")["pixel_values"])
-        embeds = reference(pixels).image_embeds.numpy()
+        embeds = original.model["clip"](original.preprocess(images)).image_embeds.numpy()
     expected = _numpy_head(state, embeds / np.linalg.norm(embeds, axis=-1, keepdims=True))
+    assert rel_err(original(images, ["a cat"] * 5), expected) <= 1e-5
+    assert rel_err(aesthetic_original(tmp_path / "clip", tmp_path / "head.pth")(images, [""] * 5), expected) <= 1e-5
 
     scorer = make_scorer("aesthetic", clip_model=str(tmp_path / "clip"), head=str(tmp_path / "head.safetensors"),
                          batch_size=3)
@@ -159,17 +146,17 @@ def test_aesthetic_scorer_matches_transformers_pipeline(tmp_path):
 
 def test_head_errors_are_one_line(tmp_path, monkeypatch):
     clip = io.abstract_module(CLIPVisionModelWithProjection, VISION)
-    save_file(_head_state(dim=768), str(tmp_path / "head.safetensors"))
+    save_file(aesthetic_head_state(dim=768), str(tmp_path / "head.safetensors"))
     with pytest.raises(ValueError, match="aesthetic head takes 768-d embeddings, the CLIP model gives 24-d"):
         AestheticScorer(clip, load_head(tmp_path / "head.safetensors"))
 
-    bad = _head_state()
+    bad = aesthetic_head_state()
     bad["layers.4.weight"] = bad["layers.4.weight"][:, :5]
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=r"aesthetic head .*bad.safetensors: weights do not match.*layers.4.weight"):
         load_head(tmp_path / "bad.safetensors")
 
-    state = _head_state()
+    state = aesthetic_head_state()
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "head.pth")
     save_file(state, str(tmp_path / "same.safetensors"))
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed: the .pth still loads

@@ -6,71 +6,37 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from helpers import patterned_images, perturb_, rel_err
+from helpers import CLIP_CASES as CASES
+from helpers import patterned_images, rel_err, write_clip_folder
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from dpojax import parallel
+from dpojax.bench_torch_scorers import clip_original
 from dpojax.diffusers_folder import tokenize
 from dpojax.feedback import clip_scorers
 from dpojax.feedback.clip_scorers import clip_scores, load_clip_scorer, load_tokenizer
 from dpojax.feedback.scorers import make_scorer, score_images
 from dpojax.models.clip import load_clip
 from dpojax.weights import naming
-from dpojax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
 
 PROMPTS = ["a cat", "the dog and the cat", "", "a red car on a wet road at night, " * 4, "Dog!"]
-CASES = {  # text width != image width != projection, both activations, both pooling rules, short and 77 tokens
-    "quick_gelu": dict(
-        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=77, hidden_act="quick_gelu"),
-        vision=dict(hidden_size=40, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
-                    image_size=30, patch_size=10, hidden_act="quick_gelu"),
-        projection_dim=24, pad="<|endoftext|>", legacy_eos=False, image_shape=(48, 40)),
-    "gelu": dict(
-        text=dict(hidden_size=24, intermediate_size=30, num_hidden_layers=3, num_attention_heads=2,
-                  max_position_embeddings=20, hidden_act="gelu"),
-        vision=dict(hidden_size=32, intermediate_size=36, num_hidden_layers=3, num_attention_heads=2,
-                    image_size=28, patch_size=7, hidden_act="gelu"),
-        projection_dim=16, pad="!", legacy_eos=True, image_shape=(64, 96)),
-}
 
 
-def _clip_folder(root, case, seed=1):
-    """A perturbed transformers CLIPModel in ``root/model``, its tokenizer and image processor in
-    ``root/processor`` (PickScore's Hub layout): (torch model, processor folder)."""
-    spec = CASES[case]
-    size = spec["vision"]["image_size"]
-    ids = write_tiny_clip_tokenizer(root / "processor", vocab_size=600, pad_token=spec["pad"],
-                                    model_max_length=spec["text"]["max_position_embeddings"])
-    if spec["legacy_eos"]:  # old configs pool at the highest id, which the tokenizer's EOS is
-        ids["eos_token_id"] = 2
-    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        root / "processor")
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(text_config={**spec["text"], "vocab_size": 600, **ids},
-                                     vision_config=spec["vision"], projection_dim=spec["projection_dim"])
-    reference = perturb_(transformers.CLIPModel(config).eval(), seed=seed)
-    reference.save_pretrained(root / "model")
-    return reference, root / "processor"
-
-
-def _torch_logits(reference, processor_folder, images, prompts):
-    """PickScore's model card: the processor's ids (padding=True, truncation, max_length) with their mask, and
-    pixel values: (the logit of each image against its own prompt, the model's output, the pixel values NCHW)."""
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(processor_folder)
-    text = tokenizer(prompts, padding=True, truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt")
-    pixels = CLIPImageProcessorPil.from_pretrained(processor_folder)(images=list(images), return_tensors="pt")
+def _torch_logits(model_folder, processor_folder, images, prompts):
+    """PickScore's model card, as ``dpojax bench`` runs it: the processor's ids (padding=True, truncation,
+    max_length) with their mask, and pixel values: (the logit of each image against its own prompt, the model's
+    output, the pixel values NCHW)."""
+    original = clip_original(model_folder, processor_folder, scale="pickscore")
+    pixels, text = original.preprocess(images), original.tokenize(prompts)
     with torch.no_grad():
-        out = reference(input_ids=text.input_ids, attention_mask=text.attention_mask,
-                        pixel_values=pixels["pixel_values"])
-    return out.logits_per_image.diagonal().numpy(), out, pixels["pixel_values"].numpy()
+        out = original.model(pixel_values=pixels, **text)
+    return out.logits_per_image.diagonal().numpy(), out, pixels.numpy()
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_clip_model_matches_transformers(tmp_path, case):
     """Same ids and pixels: logits and unit embeddings equal; parameter paths are the CLIPModel keys."""
-    reference, _ = _clip_folder(tmp_path, case)
+    reference, _ = write_clip_folder(tmp_path, case)
     model = load_clip(tmp_path / "model")
     assert set(naming.to_state_dict(model)) == set(reference.state_dict())
     size = CASES[case]["vision"]["image_size"]
@@ -88,10 +54,13 @@ def test_clip_model_matches_transformers(tmp_path, case):
 @pytest.mark.parametrize("case", CASES)
 def test_pickscore_matches_transformers_pipeline(tmp_path, case):
     """Prompts (one longer than the context, so truncated) and uint8 images -> PickScore's torch computation, vs
-    our score of the processor's pixels, and vs our scorer from the two folders (batches of 3 for 5 images)."""
-    reference, processor = _clip_folder(tmp_path, case)
+    our score of the processor's pixels, and vs our scorer from the two folders (batches of 3 for 5 images); the
+    bench's batched original gives the same."""
+    _, processor = write_clip_folder(tmp_path, case)
     images = patterned_images(5, *CASES[case]["image_shape"])
-    expected, _, pixels = _torch_logits(reference, processor, images, PROMPTS)
+    expected, _, pixels = _torch_logits(tmp_path / "model", processor, images, PROMPTS)
+    assert rel_err(clip_original(tmp_path / "model", processor, scale="pickscore", batch_size=2)(images, PROMPTS),
+                   expected) <= 1e-5
     ids = tokenize(load_tokenizer(processor), PROMPTS)
     same_pixels = nnx.jit(clip_scores, static_argnums=3)(load_clip(tmp_path / "model"), ids,
                                                          pixels.transpose(0, 2, 3, 1), "pickscore")
@@ -106,16 +75,18 @@ def test_pickscore_matches_transformers_pipeline(tmp_path, case):
 
 def test_clip_score_conventions_match_numpy(tmp_path):
     """Raw cosine and torchmetrics' 100 * max(cos, 0), from torch's projected embeddings in NumPy; the tokenizer
-    and processor in the model folder itself (the usual CLIP layout)."""
+    and processor in the model folder itself (the usual CLIP layout). The bench's originals of both agree."""
     root = tmp_path / "clip"
-    reference, processor = _clip_folder(root, "quick_gelu", seed=3)
+    _, processor = write_clip_folder(root, "quick_gelu", seed=3)
     for path in processor.iterdir():
         path.rename(root / "model" / path.name)
     images = patterned_images(5, 33, 57, seed=2)
-    _, out, _ = _torch_logits(reference, root / "model", images, PROMPTS)
+    _, out, _ = _torch_logits(root / "model", root / "model", images, PROMPTS)
     text, image = out.text_embeds.numpy().astype(np.float64), out.image_embeds.numpy().astype(np.float64)
     cos = np.sum(text * image, axis=-1) / np.linalg.norm(text, axis=-1) / np.linalg.norm(image, axis=-1)
     assert (cos > 0).any() and (cos < 0).any()  # the clamp matters
+    for scale, expected in (("clip_cosine", cos), ("clip_score", 100 * np.maximum(cos, 0))):
+        assert rel_err(clip_original(root / "model", scale=scale, batch_size=3)(images, PROMPTS), expected) <= 1e-5
     raw = load_clip_scorer(root / "model", scale="clip_cosine", batch_size=2)(images, PROMPTS)
     clamped = load_clip_scorer(root / "model", scale="clip_score", batch_size=2)(images, PROMPTS)
     print(f"CLIP cosine relative error {rel_err(raw, cos):.2e}, CLIP score "
@@ -127,7 +98,7 @@ def test_clip_score_conventions_match_numpy(tmp_path):
 def test_make_scorer_builds_them_and_shards_over_the_mesh(tmp_path):
     """make_scorer builds the scorers from their options, alone and as a vector reward, and over all 8 devices
     (rows split, batch rounded up to 8) gives the same scores."""
-    _clip_folder(tmp_path, "gelu", seed=4)
+    write_clip_folder(tmp_path, "gelu", seed=4)
     images, model, processor = patterned_images(5, 40, 40), str(tmp_path / "model"), str(tmp_path / "processor")
     scorer = make_scorer("pickscore", pickscore_model=model, pickscore_processor=processor, batch_size=3)
     alone = score_images(scorer, images, PROMPTS)
@@ -151,7 +122,7 @@ def test_wrong_folders_are_one_line_errors(tmp_path):
         load_clip(tmp_path / "vision")
     assert "\n" not in str(err.value)
 
-    _clip_folder(tmp_path / "clip", "gelu")
+    write_clip_folder(tmp_path / "clip", "gelu")
     (tmp_path / "clip" / "model" / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
     with pytest.raises(FileNotFoundError, match=r"clip/model has no model.safetensors") as err:
         load_clip(tmp_path / "clip" / "model")
@@ -159,7 +130,7 @@ def test_wrong_folders_are_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder .*nothing does not exist"):
         load_clip(tmp_path / "nothing")
 
-    _clip_folder(tmp_path / "ok", "quick_gelu")
+    write_clip_folder(tmp_path / "ok", "quick_gelu")
     with pytest.raises(FileNotFoundError, match=r"ok/model has no CLIP tokenizer"):
         load_clip_scorer(tmp_path / "ok" / "model", scale="pickscore")
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 30, "width": 30}).save_pretrained(

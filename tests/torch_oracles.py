@@ -1,4 +1,4 @@
-"""The PyTorch originals of the HPSv2 and ImageReward scorers, for parity tests only.
+"""The PyTorch originals of the HPSv2 and ImageReward scorers, importable in the tests (parity and bench) only.
 
 They live in ``.venv/oracles`` (``launch/venv.sh`` installs ``tests/oracles.txt`` there without dependencies), not in
 the test venv: image-reward pins timm 0.6 against open-clip-torch's timm 1.x, and the only torchvision wheel for

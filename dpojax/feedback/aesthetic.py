@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from dpojax.feedback.scorers import fixed_size_batches
+from dpojax.feedback.batched import BatchedScores
 from dpojax.models import layers
 from dpojax.models.clip_vision import CLIPVisionModelWithProjection, clip_preprocess, load_clip_vision
 from dpojax.weights import naming
@@ -79,24 +80,23 @@ def aesthetic_scores(clip: CLIPVisionModelWithProjection, head: AestheticHead, i
 
 
 class AestheticScorer:
-    """A Scorer: runs ``aesthetic_scores`` under jit in fixed-size batches (one compilation per image size)."""
+    """A Scorer: runs ``aesthetic_scores`` under jit in fixed-size batches (one compilation per image size), with a
+    ``mesh`` split over its batch axes (``dpojax.feedback.batched.BatchedScores``)."""
 
-    def __init__(self, clip: CLIPVisionModelWithProjection, head: AestheticHead, batch_size: int = 16):
+    def __init__(self, clip: CLIPVisionModelWithProjection, head: AestheticHead, batch_size: int = 16,
+                 mesh: Mesh | None = None):
         embed_dim = head.layers[0].in_features
         if clip.visual_projection.out_features != embed_dim:
             raise ValueError(f"aesthetic head takes {embed_dim}-d embeddings, the CLIP model gives "
                              f"{clip.visual_projection.out_features}-d (the LAION head needs CLIP ViT-L/14)")
-        if int(batch_size) < 1:
-            raise ValueError(f"aesthetic scorer: batch_size must be >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
-        self._graph, self._state = nnx.split((clip, head))
-        self._score = jax.jit(lambda state, images: aesthetic_scores(*nnx.merge(self._graph, state), images))
+        self._batches = BatchedScores((clip, head), lambda models, batch: aesthetic_scores(*models, batch["images"]),
+                                      batch_size, mesh, "aesthetic scorer")
+        self.batch_size = self._batches.batch_size
 
     @classmethod
-    def from_files(cls, clip_model: str | Path, head: str | Path, batch_size: int = 16) -> AestheticScorer:
-        return cls(load_clip_vision(clip_model), load_head(head), batch_size=batch_size)
+    def from_files(cls, clip_model: str | Path, head: str | Path, batch_size: int = 16,
+                   mesh: Mesh | None = None) -> AestheticScorer:
+        return cls(load_clip_vision(clip_model), load_head(head), batch_size=batch_size, mesh=mesh)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str] = ()) -> np.ndarray:
-        out = [np.asarray(self._score(self._state, batch["images"]))[:count]
-               for batch, count in fixed_size_batches({"images": np.asarray(images)}, self.batch_size)]
-        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        return self._batches({"images": np.asarray(images)})

@@ -17,16 +17,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from transformers import CLIPTokenizer
 
-from dpojax import parallel
 from dpojax.diffusers_folder import tokenize
-from dpojax.feedback.scorers import fixed_size_batches
+from dpojax.feedback.batched import BatchedScores
 from dpojax.models.clip import CLIPModel, load_clip, unit
 from dpojax.models.clip_vision import CLIP_MEAN, CLIP_STD, clip_preprocess
 from dpojax.weights.folder import component_folder
+
+# uint8 images (N, H, W, 3) and the image tower's size -> its float32 input (N, size, size, 3).
+Preprocess = Callable[[jax.Array, int], jax.Array]
 
 # How each reward scales the cosine of the prompt's and the image's embeddings.
 SCALES: dict[str, Callable[[CLIPModel, jax.Array], jax.Array]] = {
@@ -47,45 +48,34 @@ def clip_scores(model: CLIPModel, input_ids: jax.Array, pixel_values: jax.Array,
     return SCALES[scale](model, jnp.sum(unit(text) * unit(image), axis=-1))
 
 
-def score_uint8(model: CLIPModel, input_ids: jax.Array, images: jax.Array, scale: str) -> jax.Array:
-    """``clip_scores`` of uint8 images (N, H, W, 3) of any size, preprocessed as CLIPImageProcessor does."""
-    return clip_scores(model, input_ids, clip_preprocess(images, model.vision_model.embeddings.image_size), scale)
+def score_uint8(model: CLIPModel, input_ids: jax.Array, images: jax.Array, scale: str,
+                preprocess: Preprocess = clip_preprocess) -> jax.Array:
+    """``clip_scores`` of uint8 images (N, H, W, 3) of any size, preprocessed as CLIPImageProcessor does (or by
+    ``preprocess``, for rewards whose original prepares images otherwise)."""
+    return clip_scores(model, input_ids, preprocess(images, model.vision_model.embeddings.image_size), scale)
 
 
 class CLIPScorer:
-    """A Scorer: runs ``score_uint8`` under jit in fixed-size batches (one compilation per image size).
-
-    With a ``mesh``, each batch's rows are split over its batch axes ("data", "fsdp") and the weights replicated;
-    every process then calls the scorer with its own rows, the same number of them (as the D3PO sampler does).
+    """A Scorer: runs ``score_uint8`` under jit in fixed-size batches (one compilation per image size), with a
+    ``mesh`` split over its batch axes (``dpojax.feedback.batched.BatchedScores``).
     """
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, scale: str = "pickscore", batch_size: int = 16,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, preprocess: Preprocess = clip_preprocess):
         if scale not in SCALES:
             raise ValueError(f"CLIP scorer: unknown scale {scale!r} (choose one of {', '.join(SCALES)})")
-        if int(batch_size) < 1:
-            raise ValueError(f"CLIP scorer: batch_size must be >= 1, got {batch_size}")
-        shards = 1 if mesh is None else max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
-        self.batch_size = -(-int(batch_size) // shards) * shards  # rounded up: every device gets equal rows
         self.tokenizer, self.mesh = tokenizer, mesh
-        graph, state = nnx.split(model)
-        self._state = state if mesh is None else jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-        self._score = jax.jit(lambda state, ids, images: score_uint8(nnx.merge(graph, state), ids, images, scale))
+        self._batches = BatchedScores(
+            model, lambda clip, batch: score_uint8(clip, batch["input_ids"], batch["images"], scale, preprocess),
+            batch_size, mesh, "CLIP scorer")
+        self.batch_size = self._batches.batch_size
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         images = np.asarray(images)
         ids = tokenize(self.tokenizer, prompts)
         if len(ids) != len(images):
             raise ValueError(f"CLIP scorer: {len(images)} images but {len(ids)} prompts")
-        out = []
-        for batch, count in fixed_size_batches({"input_ids": ids, "images": images}, self.batch_size):
-            if self.mesh is None:
-                out.append(np.asarray(self._score(self._state, batch["input_ids"], batch["images"]))[:count])
-            else:
-                batch = parallel.global_batch(batch, self.mesh)
-                scores = self._score(self._state, batch["input_ids"], batch["images"])
-                out.append(parallel.local_rows(scores, self.mesh)[:count])
-        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        return self._batches({"input_ids": ids, "images": images})
 
 
 def check_preprocessor(folder: Path, image_size: int) -> None:
@@ -119,11 +109,11 @@ def check_preprocessor(folder: Path, image_size: int) -> None:
                              f"CLIPImageProcessor with {key}={value!r}, for the model's image_size {image_size})")
 
 
-def load_tokenizer(folder: Path) -> CLIPTokenizer:
+def load_tokenizer(folder: Path, **kwargs) -> CLIPTokenizer:
     if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         raise FileNotFoundError(f"{folder} has no CLIP tokenizer (vocab.json and merges.txt, or tokenizer.json); "
                                 f"name the processor folder that has it")
-    return CLIPTokenizer.from_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder, **kwargs)
 
 
 def load_clip_scorer(model: str | Path, processor: str | Path | None = None, *, scale: str, batch_size: int = 16,

@@ -52,13 +52,14 @@ def brightness(images: np.ndarray, prompts: Sequence[str] = ()) -> np.ndarray:
     return images.reshape(len(images), -1).mean(axis=1, dtype=np.float64).astype(np.float32) / 255.0
 
 
-def _aesthetic(clip_model: str | None = None, head: str | None = None, batch_size: int = 16) -> ScoreFn:
+def _aesthetic(clip_model: str | None = None, head: str | None = None, batch_size: int = 16,
+               mesh: Any = None) -> ScoreFn:
     if clip_model is None or head is None:
         raise ValueError("scorer 'aesthetic' needs clip_model=<local CLIP ViT-L/14 folder> and "
                          "head=<local LAION aesthetic predictor weights (.safetensors or .pth)>")
     from dpojax.feedback.aesthetic import AestheticScorer
 
-    return AestheticScorer.from_files(clip_model, head, batch_size=batch_size)
+    return AestheticScorer.from_files(clip_model, head, batch_size=batch_size, mesh=mesh)
 
 
 def _clip_similarity(name: str) -> Callable[..., ScoreFn]:
@@ -71,15 +72,29 @@ def _clip_similarity(name: str) -> Callable[..., ScoreFn]:
     return factory
 
 
+def _imagereward(**options: Any) -> ScoreFn:
+    from dpojax.feedback.imagereward import imagereward
+
+    return imagereward(**options)
+
+
+def _hps(**options: Any) -> ScoreFn:
+    from dpojax.feedback.hps import hps
+
+    return hps(**options)
+
+
 # name -> (factory taking the scorer's options, the option names it accepts)
 BUILTIN: dict[str, tuple[Callable[..., ScoreFn], tuple[str, ...]]] = {
     "brightness": (lambda: brightness, ()),
     "jpeg_compressibility": (lambda: jpeg_compressibility, ()),
     "jpeg_incompressibility": (lambda: jpeg_kilobytes, ()),
-    "aesthetic": (_aesthetic, ("clip_model", "head", "batch_size")),
+    "aesthetic": (_aesthetic, ("clip_model", "head", "batch_size", "mesh")),
     "pickscore": (_clip_similarity("pickscore"), ("pickscore_model", "pickscore_processor", "batch_size", "mesh")),
     "clip_score": (_clip_similarity("clip_score"), ("clip_model", "clip_processor", "batch_size", "mesh")),
     "clip_cosine": (_clip_similarity("clip_cosine"), ("clip_model", "clip_processor", "batch_size", "mesh")),
+    "hps": (_hps, ("hps_checkpoint", "hps_processor", "hps_model_config", "batch_size", "mesh")),
+    "imagereward": (_imagereward, ("imagereward_model", "imagereward_tokenizer", "batch_size", "mesh")),
 }
 
 
@@ -88,7 +103,9 @@ def make_scorer(spec: str, **options: Any) -> Scorer:
 
     Several specs make a vector reward (one column each, compared by Pareto dominance). Options go to the
     built-ins that name them (``aesthetic``: clip_model, head, batch_size; ``pickscore``: pickscore_model,
-    pickscore_processor; ``clip_score``/``clip_cosine``: clip_model, clip_processor; the CLIP ones also mesh);
+    pickscore_processor; ``clip_score``/``clip_cosine``: clip_model, clip_processor; ``hps``: hps_checkpoint,
+    hps_processor, hps_model_config; ``imagereward``: imagereward_model, imagereward_tokenizer; the CLIP ones,
+    hps and imagereward also mesh);
     the others go to user callables, which are then factories: ``callable(**options)`` must return the scoring function.
     """
     parts = [part.strip() for part in str(spec).split(",")]
@@ -111,7 +128,10 @@ def make_scorer(spec: str, **options: Any) -> Scorer:
 
 # The config's ``scorers`` section key of each scorer option (``dpojax.config.ScorersConfig``).
 OPTION_KEYS = {"clip_model": "clip_model", "clip_processor": "clip_processor", "head": "aesthetic_head",
-               "pickscore_model": "pickscore_model", "pickscore_processor": "pickscore_processor"}
+               "pickscore_model": "pickscore_model", "pickscore_processor": "pickscore_processor",
+               "hps_checkpoint": "hps_checkpoint", "hps_processor": "hps_processor",
+               "hps_model_config": "hps_model_config",
+               "imagereward_model": "imagereward_model", "imagereward_tokenizer": "imagereward_tokenizer"}
 
 
 def options_taken(spec: str, options: dict[str, Any]) -> dict[str, Any]:

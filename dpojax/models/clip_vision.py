@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -197,11 +197,15 @@ def _normalise_table() -> np.ndarray:
     return (levels - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
 
 
-def clip_preprocess(images: np.ndarray | jax.Array, size: int = 224) -> jax.Array:
+def clip_preprocess(images: np.ndarray | jax.Array, size: int = 224, *,
+                    crop: Literal["transformers", "torchvision"] = "transformers") -> jax.Array:
     """uint8 (N, H, W, 3) -> normalised float32 (N, size, size, 3), as CLIPImageProcessor does it.
 
     Resize so the shorter side is ``size`` (PIL's bicubic, reproduced exactly; the longer side truncated as
     transformers does), crop the centre, scale to [0, 1] and normalise with CLIP's mean and std.
+    ``crop="torchvision"`` is OpenAI CLIP's torchvision transform instead (Resize, CenterCrop, ToTensor,
+    Normalize on the PIL image): the same but for the crop's offset, ``round(excess / 2)`` (halves to even)
+    where transformers floors it.
     """
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -211,6 +215,11 @@ def clip_preprocess(images: np.ndarray | jax.Array, size: int = 224) -> jax.Arra
     new_long = int(size * long / short)
     new_h, new_w = (size, new_long) if h <= w else (new_long, size)
     resized = pil_bicubic_resize(images, new_h, new_w)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    crop = resized[:, top:top + size, left:left + size].astype(jnp.int32)
-    return jnp.asarray(_normalise_table())[crop, jnp.arange(3)]
+    if crop == "torchvision":
+        top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+    elif crop == "transformers":
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+    else:
+        raise ValueError(f"CLIP preprocessing: crop={crop!r} is not 'transformers' or 'torchvision'")
+    pixels = resized[:, top:top + size, left:left + size].astype(jnp.int32)
+    return jnp.asarray(_normalise_table())[pixels, jnp.arange(3)]

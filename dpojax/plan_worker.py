@@ -101,6 +101,8 @@ def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int
     os.environ["XLA_FLAGS"] = plan_xla_flags(os.environ.get("XLA_FLAGS", ""))  # read when JAX starts XLA
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)
+    # A persistent-cache hit (JAX_COMPILATION_CACHE_DIR set) would skip the compile, and with it the dump read here.
+    jax.config.update("jax_enable_compilation_cache", False)
     mesh = parallel.make_mesh(**mesh_sizes, devices=jax.devices("cpu")[:count])
     setup, program, config = abstract_step(config, mesh, folder)
     start = time.perf_counter()

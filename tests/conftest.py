@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices so sharding is exercised, fp32 matmuls, no network; what several modules share
-(session-scoped: no test writes into them): the tiny pipelines, the brightness D3PO run and a headless browser."""
+(session-scoped: no test writes into them): the tiny pipelines, the brightness D3PO run, a headless browser and
+the XLA compilation cache."""
 
 import os
 import shutil
@@ -13,6 +14,16 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the session, in this process and in every ``dpojax`` subprocess
+    (``helpers.cli_env``): many tests build the same tiny programs, which then compile once."""
+    folder = tmp_path_factory.getbasetemp() / "jax_cache"
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -162,11 +162,12 @@ def free_port() -> int:
 
 
 def cli_env(workdir: Path, devices: int = 1) -> dict[str, str]:
-    """The environment of a ``dpojax`` subprocess: ``devices`` fake CPU devices and a compilation cache in
-    ``workdir`` shared by the runs of a test module (only the first run of each program compiles); the tests
-    folder is importable (scorers given by import path)."""
+    """The environment of a ``dpojax`` subprocess: ``devices`` fake CPU devices and every program kept in the
+    session's compilation cache (conftest's ``compilation_cache``; ``workdir``'s own without it), so each program
+    compiles once in the session; the tests folder is importable (scorers given by import path)."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache"))
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
             "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 

@@ -192,7 +192,11 @@ def test_the_dumped_buffer_assignment_gives_memory_analysis_numbers(tiny, tmp_pa
     mesh = parallel.make_mesh(data=1, fsdp=2, tensor=1, devices=jax.devices()[:2])
     _, program, _ = abstract_step(config, mesh, tiny)
     lowered = program.lower()
-    compiled = lowered.compile(compiler_options=dump_options(tmp_path))
+    jax.config.update("jax_enable_compilation_cache", False)  # as the plan worker: a cache hit would not dump
+    try:
+        compiled = lowered.compile(compiler_options=dump_options(tmp_path))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
     expected = compiled.memory_analysis()
     assert read_dumped_memory(tmp_path, compile_done=True) == {
         "arguments": expected.argument_size_in_bytes, "outputs": expected.output_size_in_bytes,

@@ -20,7 +20,7 @@ oracles="$venv/oracles"
 want_oracles="$(sha256sum "$root/tests/oracles.txt" | cut -d' ' -f1)"
 if [ "$(cat "$oracles/.stamp" 2>/dev/null)" != "$want_oracles" ]; then
   rm -rf "$oracles"
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation --target "$oracles" -r "$root/tests/oracles.txt"
+  "$venv/bin/python" -m pip install -q --no-deps --target "$oracles" -r "$root/tests/oracles.txt"
   echo "$want_oracles" > "$oracles/.stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -166,7 +166,7 @@ def test_head_errors_are_one_line(tmp_path, monkeypatch):
     (tmp_path / "cut.pth").write_bytes((tmp_path / "head.pth").read_bytes()[:-200])
     with pytest.raises(ValueError, match=r"aesthetic head weights .*cut.pth is not a readable torch.save file"):
         load_head(tmp_path / "cut.pth")
-    with pytest.raises(FileNotFoundError, match="nothing.safetensors do not exist"):
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors does not exist"):
         load_head(tmp_path / "nothing.safetensors")
     with pytest.raises(ValueError, match="scorer 'aesthetic' needs clip_model="):
         make_scorer("aesthetic")

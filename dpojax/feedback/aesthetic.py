@@ -17,14 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 
 from dpojax.feedback.batched import BatchedScores
 from dpojax.models import layers
 from dpojax.models.clip_vision import CLIPVisionModelWithProjection, clip_preprocess, load_clip_vision
 from dpojax.weights import naming
-from dpojax.weights.torch_pickle import read_state_dict
+from dpojax.weights.torch_pickle import read_weights
 
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)
 HEAD_LINEAR_INDICES = (0, 2, 4, 6, 7)  # positions of the Linear layers in the PyTorch nn.Sequential
@@ -47,23 +45,8 @@ class AestheticHead(nnx.Module):
         return embeds[..., 0]
 
 
-def read_head_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """The head's tensors from a .safetensors file or from the original .pth."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise FileNotFoundError(f"aesthetic head weights {path} do not exist")
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"aesthetic head weights {path} cannot be read: {err}") from None
-    if path.suffix not in (".pth", ".pt", ".bin"):
-        raise ValueError(f"aesthetic head weights {path}: expected a .safetensors or .pth file")
-    return read_state_dict(path, "aesthetic head weights")
-
-
 def load_head(path: str | Path) -> AestheticHead:
-    state = read_head_state_dict(path)
+    state = read_weights(path, "aesthetic head weights")
     first = state.get("layers.0.weight")
     if first is None or np.ndim(first) != 2:
         raise ValueError(f"aesthetic head weights {path} have no 2-d 'layers.0.weight' "

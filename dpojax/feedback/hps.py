@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 from transformers import CLIPTokenizer
 
 from dpojax.feedback.clip_scorers import CLIPScorer, load_tokenizer
@@ -39,7 +37,7 @@ from dpojax.models.clip import CLIPModel
 from dpojax.models.clip_vision import CLIP_MEAN, CLIP_STD
 from dpojax.weights import io, naming
 from dpojax.weights.folder import component_folder
-from dpojax.weights.torch_pickle import read_state_dict
+from dpojax.weights.torch_pickle import read_weights
 
 # open_clip's model_configs/ViT-H-14.json, which HPSv2 builds (the heads count is not in the weights' shapes).
 VIT_H_14 = {"embed_dim": 1024,
@@ -52,7 +50,6 @@ VISION_KEYS = {"image_size", "layers", "width", "head_width", "patch_size", "mlp
 TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, which open_clip keeps
 ARGMAX_POOLING = 2  # an eos_token_id of 2 makes transformers' CLIP pool at the highest id, as open_clip does
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -218,17 +215,7 @@ def to_clip_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.nda
 def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     """The open_clip state dict of an HPS checkpoint: the published ``torch.save`` file (its ``state_dict``
     entry), or a .safetensors file of the same keys. Read without torch; every failure is one line."""
-    path = Path(path)
-    if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise ValueError(f"HPS checkpoint {path}: expected a {', '.join(CHECKPOINT_SUFFIXES)} file")
-    if path.suffix != ".safetensors":
-        return read_state_dict(path, "HPS checkpoint", key="state_dict")
-    if not path.is_file():
-        raise FileNotFoundError(f"HPS checkpoint {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"HPS checkpoint {path} cannot be read: {' '.join(str(err).split())}") from None
+    return read_weights(path, "HPS checkpoint", key="state_dict")
 
 
 def load_hps_model(checkpoint: str | Path | Mapping[str, np.ndarray], model_config: str | Path | None = None, *,

@@ -23,8 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 from transformers import BertTokenizer
 
 from dpojax.feedback.aesthetic import AestheticHead
@@ -32,7 +30,7 @@ from dpojax.feedback.batched import BatchedScores
 from dpojax.models.blip import BertModel, VisionTransformer, bert_config
 from dpojax.models.clip_vision import clip_preprocess
 from dpojax.weights import naming
-from dpojax.weights.torch_pickle import read_state_dict
+from dpojax.weights.torch_pickle import read_weights
 
 # ImageReward.__init__'s normalisation of the MLP's output.
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
@@ -79,15 +77,6 @@ def score_uint8(model: ImageRewardModel, batch: dict[str, jax.Array]) -> jax.Arr
 
 
 # --- loading -------------------------------------------------------------------------------------------------
-
-def _read_weights(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"ImageReward checkpoint {path} cannot be read: {err}") from None
-    return read_state_dict(path, "ImageReward checkpoint")
-
 
 def _layer_count(shapes: dict[str, tuple], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
@@ -167,7 +156,7 @@ def load_image_reward(model: str | Path, *, dtype=jnp.float32) -> ImageRewardMod
     if text["max_position_embeddings"] < MAX_TOKENS:
         raise ValueError(f"{config_path}: max_position_embeddings={text['max_position_embeddings']} is fewer than "
                          f"the {MAX_TOKENS} tokens ImageReward scores")
-    state = _read_weights(path)
+    state = read_weights(path, "ImageReward checkpoint")
     position_ids = state.pop(POSITION_IDS, None)
     if position_ids is not None and not np.array_equal(np.ravel(position_ids),
                                                        np.arange(np.size(position_ids))):

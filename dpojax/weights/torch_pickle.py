@@ -3,7 +3,8 @@
 Reward models are published this way (the LAION aesthetic head, HPSv2, ImageReward), and dpojax needs no torch at
 run time. The file is a zip of one pickle plus one raw little-endian buffer per tensor storage. The unpickler
 here accepts only what a state dict is made of (containers, numbers, strings, tensors and parameters), so a
-checkpoint cannot run code when read, as ``torch.load(weights_only=True)`` guarantees.
+checkpoint cannot run code when read, as ``torch.load(weights_only=True)`` guarantees. ``read_weights`` also takes
+the same state dict converted to ``.safetensors``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 # torch's legacy storage classes, which name a storage's element type in the pickle.
 STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -111,6 +115,22 @@ def read_state_dict(path: str | Path, what: str, *, key: str | None = None) -> d
     if not arrays:
         raise ValueError(f"{what} {path} holds no tensors (keys: {', '.join(map(str, list(found)[:8]))})")
     return arrays
+
+
+def read_weights(path: str | Path, what: str, *, key: str | None = None) -> dict[str, np.ndarray]:
+    """A state dict from a ``torch.save`` file (``read_state_dict``) or a ``.safetensors`` file of the same keys;
+    one-line errors naming ``what`` and the file."""
+    path = Path(path)
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"{what} {path}: expected a {', '.join(WEIGHT_SUFFIXES)} file")
+    if path.suffix != ".safetensors":
+        return read_state_dict(path, what, key=key)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{what} {path} cannot be read: {' '.join(str(err).split())}") from None
 
 
 def _is_legacy_pickle(path: Path) -> bool:

@@ -364,16 +364,15 @@ def scorer_inputs(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, lis
 def scorer_options(config: Config, specs: list[str], cli_options: dict, images: int, size: int) -> dict:
     """The model files of the config's ``scorers`` section, with the ``--scorer-option`` ones over them; the
     arguments checked."""
-    from dpojax.feedback.scorers import OPTION_KEYS, options_taken
+    from dpojax.feedback.scorers import check_options_taken, config_files
 
     if images < 1 or size < 1:
         raise ValueError(f"bench: --scorer-images ({images}) and --scorer-size ({size}) must be >= 1")
-    unused = sorted(set(cli_options) - {k for spec in specs for k in options_taken(spec, cli_options)})
-    if unused:
-        raise ValueError(f"bench: --scorer-option {unused[0]} is taken by none of the scorers {','.join(specs)}")
-    files = {name: getattr(config.scorers, key) for name, key in OPTION_KEYS.items()
-             if getattr(config.scorers, key) is not None}
-    return {**files, **cli_options}
+    try:
+        check_options_taken(specs, cli_options)
+    except ValueError as err:
+        raise ValueError(f"bench: {err}") from None
+    return {**config_files(config.scorers), **cli_options}
 
 
 def scorer_case(spec: str, options: dict, images: np.ndarray, prompts: list[str]) -> tuple[Case, np.ndarray, int]:
@@ -438,19 +437,13 @@ def run_scorer_bench(config: Config, specs: list[str], cli_options: dict, *, ima
     return results
 
 
-def split_scorers(specs: str | None) -> list[str]:
-    parts = [part.strip() for part in (specs or "").split(",")]
-    if specs is not None and not all(parts):
-        raise ValueError(f"bench: --scorers {specs!r} has an empty part")
-    return [part for part in parts if part]
-
-
 def cmd_bench(args) -> int:
     from dpojax.config import load_config
-    from dpojax.feedback.scorers import parse_options
+    from dpojax.feedback.scorers import parse_options, split_specs
 
     config = load_config(args.config, args.overrides)
-    specs, options = split_scorers(args.scorers), parse_options(args.scorer_option)
+    specs = [] if args.scorers is None else split_specs(args.scorers)
+    options = parse_options(args.scorer_option)
     if args.scorers_only and not specs:
         raise ValueError("bench: --scorers-only needs --scorers")
     if specs:  # a wrong argument fails now, not after the steps have run

@@ -10,15 +10,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dpojax.evaluate.images import Sampling
     from dpojax.evaluate.prompts import read_prompts
     from dpojax.evaluate.run import evaluate
-    from dpojax.feedback.scorers import options_taken, parse_options
+    from dpojax.feedback.scorers import check_options_taken, parse_options, split_specs
 
-    scorer_specs = [part.strip() for part in args.scorers.split(",")]
-    if not all(scorer_specs):
-        raise ValueError(f"--scorers {args.scorers!r} has an empty part")
-    options = parse_options(args.scorer_option)
-    unused = sorted(set(options) - {k for spec in scorer_specs for k in options_taken(spec, options)})
-    if unused:
-        raise ValueError(f"--scorer-option {unused[0]} is taken by none of the scorers {args.scorers!r}")
+    scorer_specs, options = split_specs(args.scorers), parse_options(args.scorer_option)
+    check_options_taken(scorer_specs, options)
     sampling = Sampling(num_steps=args.num_steps, guidance=args.guidance, resolution=args.resolution,
                         batch_size=args.batch_size)
     prompts = read_prompts(args.prompts, args.split)

@@ -153,11 +153,31 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def split_specs(text: str) -> list[str]:
+    """The comma-separated specs of a ``--scorers`` argument, each scored on its own."""
+    specs = [part.strip() for part in str(text).split(",")]
+    if not all(specs):
+        raise ValueError(f"--scorers {text!r} has an empty part")
+    return specs
+
+
+def check_options_taken(specs: Sequence[str], options: dict[str, Any]) -> None:
+    """A ``--scorer-option`` that none of ``specs`` takes is a one-line error (a typo would otherwise be
+    ignored)."""
+    unused = sorted(set(options) - {k for spec in specs for k in options_taken(spec, options)})
+    if unused:
+        raise ValueError(f"--scorer-option {unused[0]} is taken by none of the scorers {','.join(specs)}")
+
+
+def config_files(files: Any) -> dict[str, Any]:
+    """The scorer options (``OPTION_KEYS``) that the config's ``scorers`` section sets."""
+    return {name: getattr(files, key) for name, key in OPTION_KEYS.items() if getattr(files, key) is not None}
+
+
 def scorer_from_config(spec: str, files: Any, what: str) -> Scorer:
     """``make_scorer(spec)`` with the model files of the config's ``scorers`` section that its built-in parts
     take; ``what`` (the config key naming ``spec``) starts any error."""
-    files = {name: getattr(files, key) for name, key in OPTION_KEYS.items() if getattr(files, key) is not None}
-    options = options_taken(spec, files)
+    options = options_taken(spec, config_files(files))
     try:
         return make_scorer(spec, **options)
     except ValueError as err:

@@ -10,12 +10,14 @@
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import D3PO_CONFIG, paired_change, run_dpojax
 
+from dpojax import cli
 from dpojax.feedback.labels import read_labels
 from dpojax.feedback.rounds import read_round
 from dpojax.feedback.scorers import brightness
@@ -34,10 +36,22 @@ def workdir(tmp_path_factory, tiny_sdxl):
     return root
 
 
+ROUND_SIZE = {"d3po.round_prompts": 24}
+
+
 def common(workdir: Path, **extra) -> list[str]:
     values = {"model.pretrained": workdir / "tiny-sdxl", "logging.tensorboard": False, "d3po.seed": 7,
               "d3po.round_prompts": 6, "d3po.images_per_prompt": 4, **extra}
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def round1(workdir) -> Path:
+    """A round sampled from the tiny pipeline: 24 prompts x 4 images (the tests copy it or label it)."""
+    round_dir = workdir / "round1"
+    done = run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, *common(workdir, **ROUND_SIZE), "--out", round_dir)
+    assert done.returncode == 0, done.stderr
+    return round_dir
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -61,27 +75,33 @@ def round_brightness(round_dir: Path) -> np.ndarray:
     return brightness(images.reshape(-1, *images.shape[2:])).reshape(images.shape[:2])
 
 
-def test_round_errors_name_the_culprit_and_keep_files(workdir):
-    missing = run_dpojax(workdir, "d3po", "train", workdir / "no-such-round")
-    assert missing.returncode == 2 and "no-such-round" in missing.stderr and "does not exist" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1
+def _error_line(capsys, *args) -> str:
+    """``dpojax ARGS`` in this process (the errors come before any device work): its one stderr line."""
+    assert cli.main([str(a) for a in args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_round_errors_name_the_culprit_and_keep_files(workdir, round1, capsys):
+    missing = _error_line(capsys, "d3po", "train", workdir / "no-such-round")
+    assert "no-such-round" in missing and "does not exist" in missing
 
     r1 = workdir / "bad_round"
-    done = run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, *common(workdir), "--out", r1)
-    assert done.returncode == 0, done.stderr
-    (r1 / "labels" / "alice.json").write_text(json.dumps([[1, -1, 0, 0]] * 5))  # 5 prompts, the round has 6
+    shutil.copytree(round1, r1, ignore=shutil.ignore_patterns("labels", "train"))
+    (r1 / "labels").mkdir()
+    (r1 / "labels" / "alice.json").write_text(json.dumps([[1, -1, 0, 0]] * 23))  # 23 prompts, the round has 24
     before = digest(r1)
-    wrong_prompts = run_dpojax(workdir, "d3po", "train", r1)
-    assert wrong_prompts.returncode == 2 and "alice.json" in wrong_prompts.stderr
-    assert "6 prompts" in wrong_prompts.stderr and len(wrong_prompts.stderr.strip().splitlines()) == 1
-    (r1 / "labels" / "alice.json").write_text(json.dumps([[1, -1, 0]] * 6))  # 3 scores, the round has 4 images
+    wrong_prompts = _error_line(capsys, "d3po", "train", r1)
+    assert "alice.json" in wrong_prompts and "24 prompts" in wrong_prompts
+    (r1 / "labels" / "alice.json").write_text(json.dumps([[1, -1, 0]] * 24))  # 3 scores, the round has 4 images
     before = digest(r1)
-    wrong_images = run_dpojax(workdir, "d3po", "train", r1)
-    assert wrong_images.returncode == 2 and "alice.json" in wrong_images.stderr and "4 images" in wrong_images.stderr
+    wrong_images = _error_line(capsys, "d3po", "train", r1)
+    assert "alice.json" in wrong_images and "4 images" in wrong_images
     assert digest(r1) == before and not (r1 / "train").exists()
 
-    again = run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, *common(workdir), "--out", r1)
-    assert again.returncode == 2 and "already exists" in again.stderr and digest(r1) == before
+    again = _error_line(capsys, "d3po", "sample", D3PO_CONFIG, *common(workdir), "--out", r1)
+    assert "already exists" in again and digest(r1) == before
 
 
 def test_scorer_that_raises_is_one_line_and_keeps_checkpoints(workdir):
@@ -100,12 +120,10 @@ def test_scorer_that_raises_is_one_line_and_keeps_checkpoints(workdir):
     assert digest(run / "checkpoints") == before
 
 
-def test_simulated_annotators_make_the_next_round_brighter(workdir):
+def test_simulated_annotators_make_the_next_round_brighter(workdir, round1):
     """Round 2 is sampled with round 1's prompts and noise by the model trained on round 1's labels, so the
     per-image differences are the training's effect; their mean must exceed their standard error 3 times over."""
-    r1, r2 = workdir / "round1", workdir / "round2"
-    size = {"d3po.round_prompts": 24}
-    assert run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, *common(workdir, **size), "--out", r1).returncode == 0
+    r1, r2 = round1, workdir / "round2"
     simulated_labels(r1, "alice")
     simulated_labels(r1, "bob")
     labels = read_labels(r1)
@@ -114,8 +132,8 @@ def test_simulated_annotators_make_the_next_round_brighter(workdir):
     assert trained.returncode == 0, trained.stderr
     final = r1 / "train" / "final"
     assert (final / "model_index.json").is_file()
-    nxt = run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG, *common(workdir, **size, **{"model.pretrained": final}),
-                 "--out", r2)
+    nxt = run_dpojax(workdir, "d3po", "sample", D3PO_CONFIG,
+                     *common(workdir, **ROUND_SIZE, **{"model.pretrained": final}), "--out", r2)
     assert nxt.returncode == 0, nxt.stderr
     assert read_round(r2, arrays=False).prompts == read_round(r1, arrays=False).prompts
     first, second = round_brightness(r1), round_brightness(r2)

@@ -10,6 +10,8 @@ import pytest
 from helpers import REPO, pairs_workdir, run_dpojax
 from safetensors.numpy import load_file
 
+from dpojax import cli
+
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "configs" / "tiny_sdxl_dpo.yaml"
 
@@ -34,7 +36,7 @@ def _train(workdir: Path, steps: int):
     return done
 
 
-def test_the_best_scored_checkpoint_is_kept_and_exported(tmp_path, tiny_sdxl):
+def test_the_best_scored_checkpoint_is_kept_and_exported(tmp_path, tiny_sdxl, capsys):
     workdir = pairs_workdir(tmp_path, tiny_sdxl, 24, eval_rows=2)
     run = workdir / "run"
     _train(workdir, 4)  # evaluations at steps 2 (score 100) and 4 (99)
@@ -47,19 +49,19 @@ def test_the_best_scored_checkpoint_is_kept_and_exported(tmp_path, tiny_sdxl):
     assert evals == [(2, 100.0), (4, 99.0), (6, 98.0)]
 
     best, step_2 = workdir / "best", workdir / "step_2"
-    assert run_dpojax(workdir, "export", run, best, "--step", "best").returncode == 0
-    assert run_dpojax(workdir, "export", run, step_2, "--step", "2", "--kind", "unet").returncode == 0
+    assert cli.main(["export", str(run), str(best), "--step", "best"]) == 0
+    assert cli.main(["export", str(run), str(step_2), "--step", "2", "--kind", "unet"]) == 0
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(best)
     want = load_file(step_2 / "diffusion_pytorch_model.safetensors")
     got = {k: v.numpy() for k, v in pipe.unet.state_dict().items()}
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
-    latest = run_dpojax(workdir, "export", run, workdir / "latest", "--kind", "unet")
-    assert latest.returncode == 0, latest.stderr
+    assert cli.main(["export", str(run), str(workdir / "latest"), "--kind", "unet"]) == 0
     moved = load_file(workdir / "latest" / "diffusion_pytorch_model.safetensors")
     assert any(not np.array_equal(moved[k], want[k]) for k in want)  # best is not simply the latest
 
-    missing = run_dpojax(workdir, "export", run, workdir / "nope", "--step", "4")
-    assert missing.returncode == 2 and "has no checkpoint '4'" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    assert cli.main(["export", str(run), str(workdir / "nope"), "--step", "4"]) == 2
+    missing = capsys.readouterr().err
+    assert "has no checkpoint '4'" in missing and len(missing.strip().splitlines()) == 1

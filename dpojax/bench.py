@@ -17,8 +17,10 @@ against its PyTorch original (``dpojax.bench_torch_scorers``) built from the sam
 images in batches of the same size; images/s on both sides, and how far apart their scores are.
 
 Rounds alternate a block of JAX calls with a block of PyTorch calls, so a change in machine load hits both;
-the ratio (of times: below 1, JAX is faster) is the median of the per-round ratios. MFU uses the FLOPs of XLA's
-cost analysis of the compiled step (per device) and the device's dense bf16 peak when it is known.
+the ratio (of times: below 1, JAX is faster) is the median of the per-round ratios. MFU divides the step's model
+FLOPs (``dpojax.flops``: the UNet forward's matrix products counted from its program, times the forwards a
+step makes) by the time and by the device's dense bf16 peak, printed beside it, when the device is known. XLA's
+own count of the compiled step (elementwise work, recomputation and the optimizer included) is printed too.
 """
 
 from __future__ import annotations
@@ -101,6 +103,42 @@ class Case:
     call: str = "step"
     compile_label: str = "compile"
     show_mfu: bool = True
+    model_flops: float | None = None  # per call, per device (``step_model_flops``)
+    forwards: str = ""  # how the model FLOPs were counted
+
+
+def unet_forwards_per_pair(config: Config, d3po_k: int = 0) -> int:
+    """UNet forward-equivalents one pair costs in a step: the policy's forward and backward count 3 (the backward
+    is two products per forward product), the reference's forward 1. Diffusion-DPO: both images through both
+    UNets, 8 (reference-free losses 6, winners-only 3). D3PO: that for each of the K trained denoising steps,
+    doubled under classifier-free guidance (a conditional and an unconditional pass)."""
+    from dpojax import losses
+
+    if d3po_k:
+        return d3po_k * 2 * (2 if config.d3po.guidance_scale > 1 else 1) * 4
+    loss = config.loss.type
+    images = 1 if loss in losses.WINNERS_ONLY_LOSSES else 2
+    return images * (3 if loss in losses.REFERENCE_FREE_LOSSES else 4)
+
+
+def unet_image_flops(setup) -> int:
+    """Matmul FLOPs of one UNet forward on one image at the config's resolution (``dpojax.flops``)."""
+    from dpojax.components import policy_unet_params
+    from dpojax.flops import unet_forward_flops
+
+    components, config = setup.components, setup.config
+    params = policy_unet_params(components, setup.params, setup.frozen)
+    shapes = unet_shapes(components, config)
+    added = ({"text_embeds": (shapes["pooled"],), "time_ids": (6,)} if components.is_sdxl else None)
+    return unet_forward_flops(components.unet, params, added=added, hidden=(77, shapes["hidden"]),
+                              latent=(components.latent_channels, shapes["latent"], shapes["latent"]))
+
+
+def with_model_flops(case: Case, setup, forwards_per_pair: int, image_flops: int) -> Case:
+    pairs_per_device = case.count / setup.batch_devices
+    case.model_flops = forwards_per_pair * pairs_per_device * image_flops
+    case.forwards = f"{forwards_per_pair} UNet forwards per pair x {image_flops / 1e9:.3g} GFLOP"
+    return case
 
 
 def _run_rounds(case: Case, iters: int, warmup: int, rounds: int) -> tuple[Timings, Timings | None]:
@@ -244,18 +282,19 @@ def report(case: Case, jax_t: Timings, torch_t: Timings | None, torch_note: str 
             f"{case.count / jax_t.median:.2f} {case.unit}/s")
     peak = device_peak_flops(device.device_kind)
     mfu = None
-    if case.show_mfu and jax_t.flops is None:
-        line += "; MFU: FLOPs unknown (no cost analysis)"
-    elif case.show_mfu:
-        line += f"; {jax_t.flops / 1e9:.2f} GFLOP/step/device"
+    if case.show_mfu:
+        xla = "unknown" if jax_t.flops is None else f"{jax_t.flops / 1e9:.2f}"
+        line += f"; XLA counts {xla} GFLOP/step/device"
+    if case.model_flops is not None:
+        line += f"; model {case.model_flops / 1e9:.2f} GFLOP/step/device ({case.forwards})"
         if peak is None:
             line += f"; MFU: peak unknown ({device.platform}: {device.device_kind})"
         else:
-            mfu = jax_t.flops / jax_t.median / peak
-            line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s"
+            mfu = case.model_flops / jax_t.median / peak
+            line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.3g} TFLOP/s (assumed dense bf16 peak)"
     print(line, file=out)
     result = {"name": case.name, case.unit: case.count, "jax_median_s": jax_t.median, "jax_compile_s": jax_t.compile_s,
-              "jax_flops": jax_t.flops, "mfu": mfu, "devices": devices}
+              "jax_flops": jax_t.flops, "model_flops": case.model_flops, "mfu": mfu, "devices": devices}
     if torch_t is None:
         print(f"{case.name} [torch] skipped: {torch_note}", file=out)
         return result
@@ -325,13 +364,14 @@ def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int =
         torch_runner = bench_torch.TorchRunner(config, threads)
         torch_note = torch_runner.describe()
 
+    image_flops = unet_image_flops(setup)
     cases = [("DPO step (UNets only: cached latents + text embeddings)", False)]
     if encode:
         cases.append(("DPO step (with VAE + text encoding)", True))
     results = []
     for name, with_encoding in cases:
         batch = dpo_inputs(setup.components, config, pairs, with_encoding)
-        case = dpo_case(setup, batch, name)
+        case = with_model_flops(dpo_case(setup, batch, name), setup, unet_forwards_per_pair(config), image_flops)
         if torch_runner is not None:
             case.torch_call = torch_runner.dpo_step(batch)
         results.append(report(case, *_run_rounds(case, iters, warmup, rounds), torch_note, out))
@@ -340,7 +380,8 @@ def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int =
         print(f"D3PO step skipped: loss.type {config.loss.type!r} loads no reference UNet", file=out)
     elif d3po_k:
         batch = d3po_inputs(setup.components, config, pairs)
-        case = d3po_case(setup, batch)
+        forwards = unet_forwards_per_pair(config, d3po_positions(config))
+        case = with_model_flops(d3po_case(setup, batch), setup, forwards, image_flops)
         if torch_runner is not None:
             case.torch_call = torch_runner.d3po_step(batch)
         results.append(report(case, *_run_rounds(case, iters, warmup, rounds), torch_note, out))

@@ -192,11 +192,14 @@ def dpo_inputs(components, config: Config, pairs: int, encode: bool, seed: int =
 
 def d3po_inputs(components, config: Config, pairs: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Stored trajectories of ``pairs`` pairs (both members' x_T..x_0), prompts and ±1 preferences."""
-    from dpojax.train.d3po_step import text_inputs
+    from dpojax.train.d3po_step import text_inputs, text_shapes
 
     rng = np.random.default_rng(seed)
     size, steps = unet_shapes(components, config)["latent"], config.d3po.num_steps
-    batch = text_inputs(components, [PROMPT] * pairs, config.d3po.resolution)
+    if components.folder.tokenizer is not None:
+        batch = text_inputs(components, [PROMPT] * pairs, config.d3po.resolution)
+    else:  # an architecture folder (random weights) has no tokenizers, and the ids' values do not matter then
+        batch = {name: np.zeros(shape, dtype) for name, (shape, dtype) in text_shapes(components, pairs).items()}
     batch["latents"] = rng.standard_normal((pairs, 2, steps + 1, components.latent_channels, size, size),
                                            dtype=np.float32)
     first = rng.choice([-1, 1], pairs).astype(np.int32)
@@ -222,6 +225,40 @@ def bench_mesh(config: Config) -> jax.sharding.Mesh:
     if -1 not in sizes:
         devices = devices[:int(np.prod(sizes))]
     return parallel.make_mesh(*sizes, devices=devices)
+
+
+def random_weights(tree, seed: int = 0):
+    """Random arrays for the shape-only leaves of ``tree`` on their shardings: what a benchmark of a full-size
+    architecture needs when only its config files are at hand. Drawn on the host (one program per leaf would
+    cost more compile time than the benchmark), the same on every process."""
+    rng = np.random.default_rng(seed)
+
+    def make(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jax.device_put(np.zeros(leaf.shape, leaf.dtype), leaf.sharding)
+        values = rng.standard_normal(leaf.shape, dtype=np.float32)
+        values *= 0.02
+        return jax.device_put(values.astype(leaf.dtype), leaf.sharding)
+
+    return jax.tree.map(make, tree)
+
+
+def bench_setup(config: Config, random: bool):
+    """The trainer's setup on the config's mesh: weights read from ``model.pretrained``, or random ones on the
+    architecture its config files describe."""
+    from dpojax.train.harness import Setup
+
+    mesh = bench_mesh(config)
+    if not random:
+        return Setup.build(config, mesh=mesh)
+    setup = Setup.build(config, weights="none", mesh=mesh)
+    return dataclasses.replace(setup, params=random_weights(setup.params, 1), frozen=random_weights(setup.frozen, 2))
+
+
+def peak_memory_gib() -> float | None:
+    """The first device's peak memory in use so far (GiB), where the runtime reports it (GPU, TPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in stats else None
 
 
 def fresh_state(setup):
@@ -274,13 +311,15 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms"
 
 
-def report(case: Case, jax_t: Timings, torch_t: Timings | None, torch_note: str | None, out) -> dict:
+def report(case: Case, jax_t: Timings, torch_t: Timings | None, torch_note: str | None, out,
+           peak: float | None = None) -> dict:
+    """Print the case's lines; ``peak``: FLOP/s to take MFU against (default: the device's from the table)."""
     device = jax.devices()[0]
     devices = len(jax.devices())
     line = (f"{case.name} [jax]   {case.compile_label} {jax_t.compile_s:.1f} s; {case.call} median "
             f"{_ms(jax_t.median)} (min {_ms(min(jax_t.all))}, n={len(jax_t.all)}); "
             f"{case.count / jax_t.median:.2f} {case.unit}/s")
-    peak = device_peak_flops(device.device_kind)
+    peak = peak or device_peak_flops(device.device_kind)
     mfu = None
     if case.show_mfu:
         xla = "unknown" if jax_t.flops is None else f"{jax_t.flops / 1e9:.2f}"
@@ -292,9 +331,14 @@ def report(case: Case, jax_t: Timings, torch_t: Timings | None, torch_note: str 
         else:
             mfu = case.model_flops / jax_t.median / peak
             line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.3g} TFLOP/s (assumed dense bf16 peak)"
+    memory = peak_memory_gib() if case.show_mfu else None
+    if case.show_mfu:
+        line += "; peak memory " + ("unknown (not reported on this device)" if memory is None
+                                    else f"{memory:.2f} GiB on device 0")
     print(line, file=out)
     result = {"name": case.name, case.unit: case.count, "jax_median_s": jax_t.median, "jax_compile_s": jax_t.compile_s,
-              "jax_flops": jax_t.flops, "model_flops": case.model_flops, "mfu": mfu, "devices": devices}
+              "jax_flops": jax_t.flops, "model_flops": case.model_flops, "mfu": mfu, "devices": devices,
+              "peak_memory_gib": memory}
     if torch_t is None:
         print(f"{case.name} [torch] skipped: {torch_note}", file=out)
         return result
@@ -338,8 +382,11 @@ def check_counts(iters: int, warmup: int, rounds: int, d3po_k: int = 0) -> None:
 
 
 def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int = 3, encode: bool = False,
-              d3po_k: int = 2, with_torch: bool = True, out=None) -> list[dict]:
-    """Benchmark the steps ``config`` describes; prints one block per step and returns the numbers."""
+              d3po_k: int = 2, with_torch: bool = True, random: bool = False, peak_tflops: float | None = None,
+              out=None) -> list[dict]:
+    """Benchmark the steps ``config`` describes; prints one block per step and returns the numbers. ``random``:
+    random weights on the architecture of ``model.pretrained`` (config files suffice); ``peak_tflops``: the
+    device peak MFU is taken against, instead of the known devices' table."""
     out = out or sys.stdout
     check_counts(iters, warmup, rounds, d3po_k)
     if config.objective != "dpo":
@@ -347,22 +394,25 @@ def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int =
                          f"pairs; got objective {config.objective!r}")
     if d3po_k > config.d3po.num_steps:
         raise ValueError(f"bench: --d3po-k {d3po_k} is more than d3po.num_steps={config.d3po.num_steps}")
+    if peak_tflops is not None and peak_tflops <= 0:
+        raise ValueError(f"bench: --peak-tflops must be > 0, got {peak_tflops}")
     config = bench_config(config, d3po_k)
-    from dpojax.train.harness import Setup
-
-    setup = Setup.build(config, mesh=bench_mesh(config))
+    setup = bench_setup(config, random)
     pairs = config.dpo.pairs_per_device * setup.batch_devices
     device = jax.devices()[0]
     threads = thread_count()
     print(f"dpojax bench: {config.model.pretrained} on {len(setup.mesh.devices.flat)} x {device.device_kind} "
           f"({device.platform}), {threads} CPU threads; {pairs} pairs, {config.data.resolution} px, "
           f"compute {config.model.dtype}, params {config.model.param_dtype}, reference {config.model.reference_dtype}, "
-          f"optimizer {config.optim.name}, attention {config.model.attention}", file=out)
+          f"optimizer {config.optim.name}, attention {config.model.attention}, remat {config.model.remat}, "
+          f"{'random' if random else 'pretrained'} weights", file=out)
     bench_torch, torch_note = _torch_module() if with_torch else (None, "--no-torch")
     torch_runner = None
     if bench_torch is not None:
-        torch_runner = bench_torch.TorchRunner(config, threads)
-        torch_note = torch_runner.describe()
+        from dpojax.bench_torch_scorers import torch_device
+
+        torch_runner = bench_torch.TorchRunner(config, threads, device=torch_device(jax.default_backend()),
+                                               random=random)
 
     image_flops = unet_image_flops(setup)
     cases = [("DPO step (UNets only: cached latents + text embeddings)", False)]
@@ -374,7 +424,9 @@ def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int =
         case = with_model_flops(dpo_case(setup, batch, name), setup, unet_forwards_per_pair(config), image_flops)
         if torch_runner is not None:
             case.torch_call = torch_runner.dpo_step(batch)
-        results.append(report(case, *_run_rounds(case, iters, warmup, rounds), torch_note, out))
+        timings = _run_rounds(case, iters, warmup, rounds)
+        note = torch_note if torch_runner is None else torch_runner.describe()  # with its peak memory by now
+        results.append(report(case, *timings, note, out, peak=peak_tflops and peak_tflops * 1e12))
         print_attention_kernels(out)
     if d3po_k and setup.components.reference is None:
         print(f"D3PO step skipped: loss.type {config.loss.type!r} loads no reference UNet", file=out)
@@ -384,7 +436,9 @@ def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int =
         case = with_model_flops(d3po_case(setup, batch), setup, forwards, image_flops)
         if torch_runner is not None:
             case.torch_call = torch_runner.d3po_step(batch)
-        results.append(report(case, *_run_rounds(case, iters, warmup, rounds), torch_note, out))
+        timings = _run_rounds(case, iters, warmup, rounds)
+        note = torch_note if torch_runner is None else torch_runner.describe()  # with its peak memory by now
+        results.append(report(case, *timings, note, out, peak=peak_tflops and peak_tflops * 1e12))
         print_attention_kernels(out)
     return results
 
@@ -492,7 +546,8 @@ def cmd_bench(args) -> int:
         scorer_options(config, specs, options, args.scorer_images, args.scorer_size)
     if not args.scorers_only:
         run_bench(config, iters=args.iters, warmup=args.warmup, rounds=args.rounds, encode=args.encode,
-                  d3po_k=args.d3po_k, with_torch=not args.no_torch)
+                  d3po_k=args.d3po_k, with_torch=not args.no_torch, random=args.random_weights,
+                  peak_tflops=args.peak_tflops)
     if specs:
         run_scorer_bench(config, specs, options, images=args.scorer_images, size=args.scorer_size, iters=args.iters,
                          warmup=args.warmup, rounds=args.rounds, with_torch=not args.no_torch)
@@ -512,6 +567,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--encode", action="store_true", help="also time the DPO step with VAE and text encoding")
     p.add_argument("--d3po-k", type=int, default=2, help="denoising steps per D3PO update (0: skip D3PO; default 2)")
     p.add_argument("--no-torch", action="store_true", help="time the JAX side only")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights on the architecture of model.pretrained (its config files suffice, e.g. "
+                        "dpojax/arch/sdxl-base-1.0); both sides")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak in TFLOP/s for MFU (default: known GPUs' and TPUs' dense bf16 peak)")
     p.add_argument("--scorers", metavar="SPEC[,SPEC...]",
                    help="also time these scorers, e.g. pickscore,aesthetic,hps,imagereward (files from the config's "
                         "scorers section or --scorer-option)")

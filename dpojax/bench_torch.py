@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel
 
 from dpojax.config import Config
 from dpojax.diffusers_folder import read_pipeline_folder
@@ -27,27 +27,37 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 class TorchRunner:
     """Policy and reference UNets, VAE, text encoders and optimizer of ``config`` in PyTorch."""
 
-    def __init__(self, config: Config, threads: int):
+    def __init__(self, config: Config, threads: int, *, device: str = "cpu", random: bool = False):
+        """``device``: "cpu" or "cuda"; ``random``: random weights on the architecture of ``model.pretrained``
+        (its config files), made on the device, instead of its weights."""
         torch.set_num_threads(threads)
         torch.manual_seed(config.train.seed)
         folder = Path(config.model.pretrained)
-        self.config, self.threads = config, threads
+        self.config, self.threads, self.device = config, threads, torch.device(device)
         self.dtype = TORCH_DTYPES[config.model.dtype]
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(TORCH_DTYPES[config.model.param_dtype])
-        self.unet.train()
-        self.reference = UNet2DConditionModel.from_pretrained(folder / "unet").to(
-            TORCH_DTYPES[config.model.reference_dtype]).requires_grad_(False).eval()
         frozen = TORCH_DTYPES[config.model.reference_dtype]
-        self.vae = AutoencoderKL.from_pretrained(config.model.vae or folder / "vae").to(frozen).requires_grad_(False)
-        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").to(frozen).requires_grad_(False)
+
+        def load(cls, path: Path, dtype: torch.dtype):
+            if not random:
+                return cls.from_pretrained(path).to(self.device, dtype)
+            with self.device:  # initialised where it runs
+                if issubclass(cls, PreTrainedModel):
+                    return cls(cls.config_class.from_pretrained(path)).to(dtype)
+                return cls.from_config(cls.load_config(path)).to(dtype)
+
+        self.unet = load(UNet2DConditionModel, folder / "unet", TORCH_DTYPES[config.model.param_dtype]).train()
+        self.reference = load(UNet2DConditionModel, folder / "unet", frozen).requires_grad_(False).eval()
+        self.vae = load(AutoencoderKL, Path(config.model.vae or folder / "vae"), frozen).requires_grad_(False)
+        self.text_encoder = load(CLIPTextModel, folder / "text_encoder", frozen).requires_grad_(False)
         self.text_encoder_2 = None
         if (folder / "text_encoder_2").is_dir():
-            self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                folder / "text_encoder_2").to(frozen).requires_grad_(False)
+            self.text_encoder_2 = load(CLIPTextModelWithProjection, folder / "text_encoder_2",
+                                       frozen).requires_grad_(False)
         self.scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)  # add_noise indexes it
         self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
         self.final_alpha_cumprod = (self.alphas_cumprod[0] if self.scheduler.config.get("set_alpha_to_one") is False
-                                    else torch.tensor(1.0))
+                                    else torch.tensor(1.0, device=self.device))
         optim = config.optim
         lr = config.learning_rate(1)
         if optim.name == "adamw":
@@ -60,23 +70,31 @@ class TorchRunner:
                                        warmup_init=False, clip_threshold=1.0, weight_decay=optim.weight_decay)
 
     def describe(self) -> str:
-        return f"diffusers UNet2DConditionModel, torch {torch.__version__} ({self.threads} threads)"
+        where = f"{self.threads} threads" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
+        attention = type(self.unet.attn_processors[next(iter(self.unet.attn_processors))]).__name__
+        memory = ("" if self.device.type != "cuda"
+                  else f"; peak memory {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB")
+        return (f"diffusers UNet2DConditionModel, torch {torch.__version__} on {self.device.type} ({where}), "
+                f"compute {str(self.dtype).removeprefix('torch.')}, {attention}{memory}")
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
 
     # --- conditioning -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode_text(self, input_ids: np.ndarray, input_ids_2: np.ndarray | None):
         """(hidden states, pooled or None) as the SD / SDXL pipelines compute them."""
-        ids = torch.from_numpy(input_ids).long()
+        ids = self.tensor(input_ids).long()
         if self.text_encoder_2 is None:
             return self.text_encoder(ids).last_hidden_state, None
         out = self.text_encoder(ids, output_hidden_states=True)
-        out_2 = self.text_encoder_2(torch.from_numpy(input_ids_2).long(), output_hidden_states=True)
+        out_2 = self.text_encoder_2(self.tensor(input_ids_2).long(), output_hidden_states=True)
         return torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), out_2.text_embeds
 
     def unet_call(self, unet, latents, timesteps, hidden, pooled, time_ids):
         added = None if pooled is None else {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
-        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             return unet(latents.to(self.dtype), timesteps, hidden.to(self.dtype), added_cond_kwargs=added).sample
 
     def optimizer_step(self) -> None:
@@ -84,6 +102,8 @@ class TorchRunner:
             torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.optim.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":  # the JAX side's step returns once its results are ready; so does this
+            torch.cuda.synchronize(self.device)
 
     # --- Diffusion-DPO ----------------------------------------------------------------------------------------
 
@@ -92,26 +112,27 @@ class TorchRunner:
         beta = self.config.loss.beta
         time_ids = None
         if "time_ids" in batch:  # (P, 2, 6): winners' rows, then losers'
-            time_ids = torch.from_numpy(np.concatenate([batch["time_ids"][:, 0], batch["time_ids"][:, 1]]))
+            time_ids = self.tensor(np.concatenate([batch["time_ids"][:, 0], batch["time_ids"][:, 1]]))
 
         def step():
             with torch.no_grad():
                 if "latent_mean" in batch:
-                    mean, logvar = (torch.from_numpy(np.concatenate([batch[k][:, 0], batch[k][:, 1]]))
+                    mean, logvar = (self.tensor(np.concatenate([batch[k][:, 0], batch[k][:, 1]]))
                                     for k in ("latent_mean", "latent_logvar"))
                     latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-                    hidden = torch.from_numpy(batch["hidden"])
-                    pooled = torch.from_numpy(batch["pooled"]) if "pooled" in batch else None
+                    hidden = self.tensor(batch["hidden"])
+                    pooled = self.tensor(batch["pooled"]) if "pooled" in batch else None
                 else:
                     pixels = np.concatenate([batch["pixels"][:, 0], batch["pixels"][:, 1]]).transpose(0, 3, 1, 2)
                     vae_dtype = next(self.vae.parameters()).dtype
-                    latents = self.vae.encode(torch.from_numpy(pixels).to(vae_dtype)).latent_dist.sample().float()
+                    latents = self.vae.encode(self.tensor(pixels).to(vae_dtype)).latent_dist.sample().float()
                     hidden, pooled = self.encode_text(batch["input_ids"], batch.get("input_ids_2"))
                 shift = self.vae.config.shift_factor
                 latents = (latents - (shift or 0.0)) * self.vae.config.scaling_factor
                 pairs = latents.shape[0] // 2
                 noise = torch.randn_like(latents[:pairs]).repeat(2, 1, 1, 1)
-                timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (pairs,)).repeat(2)
+                timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (pairs,),
+                                          device=self.device).repeat(2)
                 noisy = self.scheduler.add_noise(latents, noise, timesteps)
                 hidden = hidden.repeat(2, 1, 1)
                 pooled = None if pooled is None else pooled.repeat(2, 1)
@@ -138,17 +159,18 @@ class TorchRunner:
         steps = d3po.num_steps
         positions_k = max(1, int(steps * d3po.timestep_fraction))
         schedule = sched.NoiseSchedule.from_config(dict(self.scheduler.config))
-        timesteps = torch.from_numpy(np.asarray(sched.ddim_timesteps(schedule, steps), np.int64))
-        prev_timesteps = torch.from_numpy(np.asarray(sched.ddim_prev_timesteps(schedule, steps), np.int64))
-        latents = torch.from_numpy(batch["latents"])  # (P, 2, T+1, C, h, w)
+        timesteps = self.tensor(np.asarray(sched.ddim_timesteps(schedule, steps), np.int64))
+        prev_timesteps = self.tensor(np.asarray(sched.ddim_prev_timesteps(schedule, steps), np.int64))
+        latents = self.tensor(batch["latents"])  # (P, 2, T+1, C, h, w)
         pairs = latents.shape[0]
         flat = latents.reshape((2 * pairs,) + latents.shape[2:])
-        preference = torch.from_numpy(batch["preference"]).float()
-        time_ids = torch.from_numpy(batch["time_ids"]).repeat_interleave(2, 0) if "time_ids" in batch else None
+        preference = self.tensor(batch["preference"]).float()
+        time_ids = self.tensor(batch["time_ids"]).repeat_interleave(2, 0) if "time_ids" in batch else None
         guided = d3po.guidance_scale > 1
         folder = read_pipeline_folder(self.config.model.pretrained)
         if not folder.force_zeros_for_empty_prompt:  # the negative is the encoded empty prompt
-            empty = folder.token_ids([""])
+            empty = (folder.token_ids([""]) if folder.tokenizer is not None  # else random weights: any ids do
+                     else {"input_ids": np.zeros((1, batch["input_ids"].shape[1]), np.int64)})
             empty_hidden, empty_pooled = self.encode_text(empty["input_ids"], empty.get("input_ids_2"))
 
         def negative(hidden, pooled):
@@ -171,8 +193,9 @@ class TorchRunner:
             hidden, pooled = self.encode_text(batch["input_ids"], batch.get("input_ids_2"))
             hidden = hidden.repeat_interleave(2, 0)
             pooled = None if pooled is None else pooled.repeat_interleave(2, 0)
-            perms = torch.stack([torch.randperm(steps)[:positions_k] for _ in range(pairs)]).repeat_interleave(2, 0)
-            rows = torch.arange(2 * pairs)
+            perms = torch.stack([torch.randperm(steps, device=self.device)[:positions_k]
+                                 for _ in range(pairs)]).repeat_interleave(2, 0)
+            rows = torch.arange(2 * pairs, device=self.device)
             for j in range(positions_k):
                 pos = perms[:, j]
                 x, x_next = flat[rows, pos], flat[rows, pos + 1]

@@ -1,13 +1,17 @@
-"""`dpojax bench` runs end to end through the CLI on the tiny SDXL config and reports both sides and the ratio.
+"""`dpojax bench` runs end to end on the tiny SDXL config and reports both sides and the ratio: through the
+accelerator benchmark's script in its CPU mode (random weights), and through the CLI on the pipeline's weights.
 
 No timing is asserted: speed claims live in the benchmark's output, not in tests.
 """
 
 import json
 import re
+import subprocess
 import sys
 
+import numpy as np
 import pytest
+from helpers import REPO, cli_env
 
 from dpojax.cli import main
 
@@ -43,12 +47,16 @@ def torch_unet_forward_flops(tiny, latent: int) -> int:
     return counter.get_total_flops()
 
 
-def test_bench_times_dpo_and_d3po_against_pytorch(tiny, capsys, monkeypatch):
-    """Both steps on both sides; MFU is the model FLOPs (8 UNet forwards per DPO pair, 2 x 2 x 4 per D3PO pair and
-    denoising step under guidance) over the median time and the peak, the forward counted as PyTorch counts it."""
-    monkeypatch.setattr("dpojax.bench.device_peak_flops", lambda kind: 1e10)  # an assumed peak, 10 GFLOP/s
-    assert main(bench_args(tiny, "--d3po-k", "1")) == 0
-    out = capsys.readouterr().out
+def test_device_bench_script_runs_its_tiny_cpu_mode(tiny, tmp_path):
+    """`launch/device_bench.sh --tiny`: both steps on both sides with random weights; MFU is the model FLOPs (8 UNet
+    forwards per DPO pair, 2 x 2 x 4 per D3PO pair and denoising step under guidance) over the median time and the
+    peak given, the forward counted as PyTorch's FLOP counter counts it."""
+    done = subprocess.run(["bash", "launch/device_bench.sh", "--tiny", "--peak-tflops", "0.01"], cwd=REPO,
+                          env={**cli_env(tmp_path), "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "random weights" in out and "peak memory unknown (not reported on this device)" in out
     vae_scale = 2 ** (len(json.loads((tiny / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
     image_gflop = torch_unet_forward_flops(tiny, 32 // vae_scale) / 1e9
     for step, forwards in ((r"DPO step \(UNets only[^)]*\)", 8), (r"D3PO step, K=1 of 20 steps", 16)):
@@ -66,6 +74,30 @@ def test_bench_times_dpo_and_d3po_against_pytorch(tiny, capsys, monkeypatch):
     assert "attention kernel: xla (requested auto; on cpu)" in out
 
 
+def test_torch_side_loads_the_pipeline_weights_and_steps(tiny):
+    """The PyTorch side on the pipeline's own weights (as `dpojax bench` without --random-weights): the UNets hold
+    the folder's tensors and a DPO step moves the policy only."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from dpojax.bench import bench_config, dpo_inputs
+    from dpojax.bench_torch import TorchRunner
+    from dpojax.config import load_config
+    from dpojax.train.harness import Setup
+
+    config = bench_config(load_config(REPO / "configs" / "tiny_sdxl_dpo.yaml", [f"model.pretrained={tiny}"]), 1)
+    runner = TorchRunner(config, threads=1)
+    weights = load_file(tiny / "unet" / "diffusion_pytorch_model.safetensors")
+    for unet in (runner.unet, runner.reference):
+        state = unet.state_dict()
+        assert all(np.array_equal(state[k].numpy(), v) for k, v in weights.items())
+    components = Setup.build(config, weights="none", mesh=None).components
+    runner.dpo_step(dpo_inputs(components, config, 2, encode=False))()
+    moved = runner.unet.state_dict()
+    assert any(not torch.equal(moved[k], torch.from_numpy(v)) for k, v in weights.items())
+    assert all(np.array_equal(runner.reference.state_dict()[k].numpy(), v) for k, v in weights.items())
+
+
 def test_bench_without_diffusers_still_times_jax_and_says_why(tiny, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` fail
     monkeypatch.delitem(sys.modules, "dpojax.bench_torch", raising=False)
@@ -81,3 +113,6 @@ def test_bench_refuses_bad_arguments_in_one_line(tiny, capsys):
     assert main(bench_args(tiny, "--d3po-k", "30", "--no-torch")) == 2
     err = capsys.readouterr().err.strip()
     assert err == "dpojax bench: error: bench: --d3po-k 30 is more than d3po.num_steps=20"
+    assert main(bench_args(tiny, "--peak-tflops", "0", "--no-torch")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dpojax bench: error: bench: --peak-tflops must be > 0, got 0.0"

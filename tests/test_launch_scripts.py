@@ -12,7 +12,8 @@ import pytest
 from dpojax import cli
 
 ROOT = Path(__file__).parents[1]
-SCRIPTS = ["launch/tpu_pod.sh", "launch/gpu_node.sh", "launch/slurm.sbatch", "launch/lib.sh"]
+SCRIPTS = ["launch/tpu_pod.sh", "launch/gpu_node.sh", "launch/slurm.sbatch", "launch/lib.sh",
+           "launch/device_bench.sh"]
 CONFIG = "configs/sdxl_dpo.yaml"
 
 
@@ -73,6 +74,23 @@ def test_slurm_starts_one_task_per_node_through_srun():
     assert parsed.distributed == "auto" and parsed.overrides == ["dpo.steps=5"]  # SLURM_* tell JAX the rest
     sbatch = (ROOT / "launch/slurm.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=1" in sbatch
+
+
+def test_device_bench_runs_each_case_on_random_weights_of_a_shipped_architecture():
+    """Each case is a `dpojax bench` the parser accepts, on a shipped architecture folder, with random weights and
+    the options passed through; the run needs nothing but the repository."""
+    commands = dry_run("launch/device_bench.sh", "--peak-tflops", "989")
+    assert len(commands) == 3
+    cases = []
+    for command in commands:
+        args = command[command.index("dpojax.cli") + 1:]
+        parsed = cli.build_parser().parse_args(args)
+        assert parsed.command == "bench" and parsed.random_weights and parsed.peak_tflops == 989
+        values = dict(o.split("=", 1) for o in parsed.overrides)
+        assert (ROOT / values["model.pretrained"] / "model_index.json").is_file()
+        assert values["dpo.grad_accum"] == "1"  # one optimizer step of pairs_per_device pairs is timed
+        cases.append((Path(values["model.pretrained"]).name, values["data.resolution"], parsed.no_torch))
+    assert cases == [("sdxl-base-1.0", "1024", False), ("sdxl-base-1.0", "1024", True), ("sd-v1-5", "512", False)]
 
 
 @pytest.mark.parametrize(("script", "args", "env", "message"), [

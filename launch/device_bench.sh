@@ -20,7 +20,9 @@ bench() {
 }
 
 if [[ "$TINY" == 1 ]]; then
-  tiny="$(mktemp -d)/tiny-sdxl"
+  scratch="$(mktemp -d)"
+  trap 'rm -rf "$scratch"' EXIT
+  tiny="$scratch/tiny-sdxl"
   run "$PYTHON" -m dpojax.cli init-tiny "$tiny"
   bench configs/tiny_sdxl_dpo.yaml "model.pretrained=$tiny" dpo.pairs_per_device=1 mesh.fsdp=1 \
     --iters 1 --rounds 1 --warmup 0 --d3po-k 1

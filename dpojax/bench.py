@@ -103,7 +103,7 @@ class Case:
     call: str = "step"
     compile_label: str = "compile"
     show_mfu: bool = True
-    model_flops: float | None = None  # per call, per device (``step_model_flops``)
+    model_flops: float | None = None  # per call, per device (``set_model_flops``)
     forwards: str = ""  # how the model FLOPs were counted
 
 
@@ -134,11 +134,11 @@ def unet_image_flops(setup) -> int:
                               latent=(components.latent_channels, shapes["latent"], shapes["latent"]))
 
 
-def with_model_flops(case: Case, setup, forwards_per_pair: int, image_flops: int) -> Case:
+def set_model_flops(case: Case, setup, forwards_per_pair: int, image_flops: int) -> None:
+    """The case's model FLOPs per device: its pairs per device x the forwards each costs x one forward's."""
     pairs_per_device = case.count / setup.batch_devices
     case.model_flops = forwards_per_pair * pairs_per_device * image_flops
     case.forwards = f"{forwards_per_pair} UNet forwards per pair x {image_flops / 1e9:.3g} GFLOP"
-    return case
 
 
 def _run_rounds(case: Case, iters: int, warmup: int, rounds: int) -> tuple[Timings, Timings | None]:
@@ -331,8 +331,9 @@ def report(case: Case, jax_t: Timings, torch_t: Timings | None, torch_note: str 
         else:
             mfu = case.model_flops / jax_t.median / peak
             line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.3g} TFLOP/s (assumed dense bf16 peak)"
-    memory = peak_memory_gib() if case.show_mfu else None
+    memory = None
     if case.show_mfu:
+        memory = peak_memory_gib()
         line += "; peak memory " + ("unknown (not reported on this device)" if memory is None
                                     else f"{memory:.2f} GiB on device 0")
     print(line, file=out)
@@ -415,31 +416,30 @@ def run_bench(config: Config, *, iters: int = 10, warmup: int = 2, rounds: int =
                                                random=random)
 
     image_flops = unet_image_flops(setup)
+    peak = peak_tflops * 1e12 if peak_tflops else None
+    results = []
+
+    def run_case(case: Case, forwards_per_pair: int, torch_step) -> None:
+        set_model_flops(case, setup, forwards_per_pair, image_flops)
+        case.torch_call = torch_step
+        timings = _run_rounds(case, iters, warmup, rounds)
+        note = torch_note if torch_runner is None else torch_runner.describe()  # with its peak memory by now
+        results.append(report(case, *timings, note, out, peak=peak))
+        print_attention_kernels(out)
+
     cases = [("DPO step (UNets only: cached latents + text embeddings)", False)]
     if encode:
         cases.append(("DPO step (with VAE + text encoding)", True))
-    results = []
     for name, with_encoding in cases:
         batch = dpo_inputs(setup.components, config, pairs, with_encoding)
-        case = with_model_flops(dpo_case(setup, batch, name), setup, unet_forwards_per_pair(config), image_flops)
-        if torch_runner is not None:
-            case.torch_call = torch_runner.dpo_step(batch)
-        timings = _run_rounds(case, iters, warmup, rounds)
-        note = torch_note if torch_runner is None else torch_runner.describe()  # with its peak memory by now
-        results.append(report(case, *timings, note, out, peak=peak_tflops and peak_tflops * 1e12))
-        print_attention_kernels(out)
+        run_case(dpo_case(setup, batch, name), unet_forwards_per_pair(config),
+                 torch_runner and torch_runner.dpo_step(batch))
     if d3po_k and setup.components.reference is None:
         print(f"D3PO step skipped: loss.type {config.loss.type!r} loads no reference UNet", file=out)
     elif d3po_k:
         batch = d3po_inputs(setup.components, config, pairs)
-        forwards = unet_forwards_per_pair(config, d3po_positions(config))
-        case = with_model_flops(d3po_case(setup, batch), setup, forwards, image_flops)
-        if torch_runner is not None:
-            case.torch_call = torch_runner.d3po_step(batch)
-        timings = _run_rounds(case, iters, warmup, rounds)
-        note = torch_note if torch_runner is None else torch_runner.describe()  # with its peak memory by now
-        results.append(report(case, *timings, note, out, peak=peak_tflops and peak_tflops * 1e12))
-        print_attention_kernels(out)
+        run_case(d3po_case(setup, batch), unet_forwards_per_pair(config, d3po_positions(config)),
+                 torch_runner and torch_runner.d3po_step(batch))
     return results
 
 

@@ -23,14 +23,14 @@ def _count(jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        out = math.prod(eqn.outvars[0].aval.shape)
         if name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
-            total += 2 * out * math.prod(lhs[d] for d in contracting)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
         elif name == "conv_general_dilated":  # kernel dims (out, in per group, *spatial)
             kernel = eqn.invars[1].aval.shape
-            total += 2 * out * math.prod(kernel[d] for d in eqn.params["dimension_numbers"].rhs_spec[1:])
+            per_output = math.prod(kernel[d] for d in eqn.params["dimension_numbers"].rhs_spec[1:])
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
         elif name == "while":
             if any(_count(j) for j in _inner_jaxprs(eqn.params)):
                 raise ValueError("matmul_flops: a while loop does matrix products an unknown number of times")

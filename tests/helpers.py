@@ -182,6 +182,26 @@ def run_dpojax(workdir: Path, *args, devices: int = 1, timeout: float = 600) -> 
                           text=True, timeout=timeout)
 
 
+def torch_unet_flops(unet: torch.nn.Module, latent: int) -> int:
+    """PyTorch's FLOP counter on one forward of diffusers' ``unet`` for one image of ``latent`` x ``latent``
+    latents and 77 tokens. The unet gets the plain attention processor (batched matrix products): the counter
+    does not see inside CPU's fused scaled-dot-product attention kernel."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet.set_attn_processor(AttnProcessor())
+    config = unet.config
+    added = {}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}}
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unet.eval()(torch.randn(1, config.in_channels, latent, latent), torch.tensor([10]),
+                    torch.randn(1, 77, config.cross_attention_dim), **added)
+    return counter.get_total_flops()
+
+
 # --- measurements -------------------------------------------------------------------------------------------
 
 def paired_change(after, before) -> tuple[float, float]:

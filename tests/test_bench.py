@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, cli_env
+from helpers import REPO, cli_env, torch_unet_flops
 
 from dpojax.cli import main
 
@@ -29,24 +29,6 @@ def bench_args(tiny, *extra):
             "mesh.fsdp=1", "--iters", "1", "--rounds", "1", "--warmup", "0", *extra]
 
 
-def torch_unet_forward_flops(tiny, latent: int) -> int:
-    """PyTorch's FLOP counter on diffusers' UNet of the pipeline (plain attention: see test_flops.py), one image."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
-    from torch.utils.flop_counter import FlopCounterMode
-
-    unet = UNet2DConditionModel.from_pretrained(tiny / "unet").eval()
-    unet.set_attn_processor(AttnProcessor())
-    config = unet.config
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        unet(torch.randn(1, 4, latent, latent), torch.tensor([10]), torch.randn(1, 77, config.cross_attention_dim),
-             added_cond_kwargs={"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)})
-    return counter.get_total_flops()
-
-
 def test_device_bench_script_runs_its_tiny_cpu_mode(tiny, tmp_path):
     """`launch/device_bench.sh --tiny`: both steps on both sides with random weights; MFU is the model FLOPs (8 UNet
     forwards per DPO pair, 2 x 2 x 4 per D3PO pair and denoising step under guidance) over the median time and the
@@ -58,7 +40,9 @@ def test_device_bench_script_runs_its_tiny_cpu_mode(tiny, tmp_path):
     out = done.stdout
     assert "random weights" in out and "peak memory unknown (not reported on this device)" in out
     vae_scale = 2 ** (len(json.loads((tiny / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
-    image_gflop = torch_unet_forward_flops(tiny, 32 // vae_scale) / 1e9
+    from diffusers import UNet2DConditionModel
+
+    image_gflop = torch_unet_flops(UNet2DConditionModel.from_pretrained(tiny / "unet"), 32 // vae_scale) / 1e9
     for step, forwards in ((r"DPO step \(UNets only[^)]*\)", 8), (r"D3PO step, K=1 of 20 steps", 16)):
         jax_line = re.search(step + rf" \[jax\] +compile {NUMBER} s; step median ({NUMBER}) ms .*pairs/s; "
                                     rf"XLA counts {NUMBER} GFLOP/step/device; model ({NUMBER}) GFLOP/step/device "

@@ -26,8 +26,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 from dpojax.train.state import TrainState
 from dpojax.weights.atomic import atomic_file
 
-ITEMS = ("params", "train", "meta", "data")
-ARRAY_ITEMS = ("params", "train", "data")
+ARRAY_ITEMS = ("params", "train", "data")  # and "meta", JSON
 
 # Orbax splits each shard among its data-parallel replicas so that they write in parallel, which costs one
 # dispatched slice per array and replica on every save: seconds per save for a UNet's thousands of small

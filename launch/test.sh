@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite on CPU with 8 fake devices (tests/conftest.py sets them up); extra args go to pytest.
+# The whole test suite on CPU with 8 fake devices (tests/conftest.py sets them up), one pytest-xdist worker per
+# core (at most 4: each holds a few GB); extra args go to pytest.
 # The labeling page's test drives Debian's headless Chromium: installed here when it can be (root with apt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +12,4 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 source launch/venv.sh
-python -m pytest -q --durations=25 "$@"
+python -m pytest -q -n auto --maxprocesses=4 --dist loadgroup --durations=25 "$@"

@@ -15,12 +15,37 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Modules holding the suite's longest runs: scheduled first, so that pytest-xdist's workers end together.
+LONGEST_FIRST = ("test_multihost", "test_train_loop", "test_d3po_rounds", "test_plan", "test_bench")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Work units for pytest-xdist (``launch/test.sh``: one worker per core, ``--dist loadgroup``): a module's
+    tests stay on one worker so that its module-scoped fixtures are made once, except where the module sets
+    ``XDIST_SPLIT`` (each test makes its own runs); modules using the session's D3PO run go together."""
+    shared = {item.module.__name__ for item in items if "d3po_brightness_run" in item.fixturenames}
+
+    def group(item) -> str:
+        module = item.module.__name__
+        if getattr(item.module, "XDIST_SPLIT", False):
+            return f"{module}.{item.name}"
+        return "d3po_brightness_run" if module in shared else module
+
+    def rank(item) -> int:
+        module = item.module.__name__
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the collection order within each rank
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache for the session, in this process and in every ``dpojax`` subprocess
     (``helpers.cli_env``): many tests build the same tiny programs, which then compile once."""
-    folder = tmp_path_factory.getbasetemp() / "jax_cache"
+    basetemp = tmp_path_factory.getbasetemp()
+    folder = (basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp) / "jax_cache"
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     return folder

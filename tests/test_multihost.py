@@ -29,6 +29,7 @@ from dpojax.feedback.rounds import read_round
 from dpojax.feedback.scorers import brightness
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny_sdxl_dpo.yaml"
+XDIST_SPLIT = True  # each end-to-end test makes its own runs, so the tests may go to different workers (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -153,18 +154,18 @@ DPO_RUN = {**COMMON, "dpo.steps": 4, "dpo.pairs_per_device": 1, "dpo.log_every":
            # differences of near-zero gradients (one process sums in another order than two) would become
            # lr-sized; eps 1e-3 keeps the update linear in such gradients.
            "optim.eps": 1e-3}
-# D3PO: 4 steps per epoch, so a stop lands inside one; 2 denoising steps keep the compiles short (the update
-# unrolls them). Data parallel over all 8 devices: the processes' collectives go through gloo over TCP, where
-# the per-layer weight gathers of fsdp would cost more than the rest of the run.
-D3PO_RUN = {**COMMON, "d3po.num_epochs": 2, "d3po.num_batches_per_epoch": 1, "d3po.sample_batch_size": 4,
-            "d3po.num_steps": 2, "d3po.eval_every": 0, "d3po.train_batch_size": 1, "train.export": "lora",
-            "mesh.data": 8, "mesh.fsdp": 1}
-ROUNDS_RUN = {**COMMON, "d3po.num_epochs": 2, "d3po.train_batch_size": 1, "train.export": "lora", "mesh.data": 8,
-              "mesh.fsdp": 1}
+# D3PO: 4 steps per epoch, so a stop lands inside one; 2 denoising steps, one of them trained, keep the compiles
+# short (the update unrolls the trained steps). Data parallel over all 8 devices: the processes' collectives go
+# through gloo over TCP, where the per-layer weight gathers of fsdp would cost more than the rest of the run.
+D3PO_TRAINING = {"d3po.num_epochs": 2, "d3po.train_batch_size": 1, "d3po.timestep_fraction": 0.5,
+                 "train.export": "lora", "mesh.data": 8, "mesh.fsdp": 1}
+D3PO_RUN = {**COMMON, **D3PO_TRAINING, "d3po.num_batches_per_epoch": 1, "d3po.sample_batch_size": 4,
+            "d3po.num_steps": 2, "d3po.eval_every": 0}
+ROUNDS_RUN = {**COMMON, **D3PO_TRAINING}
 
 
-def _args(workdir: Path, objective: str, run_dir: Path) -> list:
-    """The ``dpojax`` arguments of one run of each kind, writing to ``run_dir``."""
+def _args(workdir: Path, objective: str, run_dir: Path, **extra) -> list:
+    """The ``dpojax`` arguments of one run of each kind, writing to ``run_dir``, with ``extra`` settings."""
     pretrained = workdir / "tiny-sdxl"
     if objective == "dpo":
         values = {**DPO_RUN, "model.pretrained": pretrained, "data.data_dir": workdir / "pairs"}
@@ -173,7 +174,7 @@ def _args(workdir: Path, objective: str, run_dir: Path) -> list:
         values, command = {**D3PO_RUN, "model.pretrained": pretrained}, ["train", D3PO_CONFIG]
     else:
         values, command = ROUNDS_RUN, ["d3po", "train", _round(workdir)]
-    return [*command, *(f"{k}={v}" for k, v in {**values, "train.output_dir": run_dir}.items())]
+    return [*command, *(f"{k}={v}" for k, v in {**values, "train.output_dir": run_dir, **extra}.items())]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +197,7 @@ def preempted(workdir):
     def runs(objective: str) -> Preempted:
         if objective not in made:
             uninterrupted, interrupted = workdir / f"{objective}_whole", workdir / f"{objective}_stopped"
-            args = _args(workdir, objective, uninterrupted)
+            args = _args(workdir, objective, uninterrupted, **{"train.checkpoint_every": 0})  # saves only at its end
             whole = ({"dpo_whole": _launch(workdir, "dpo_whole", args, 8)} if objective == "dpo"
                      else _two(workdir, f"{objective}_whole", args))
             _finish(workdir, whole)

@@ -106,9 +106,11 @@ def test_round_errors_name_the_culprit_and_keep_files(workdir, round1, capsys):
 
 def test_scorer_that_raises_is_one_line_and_keeps_checkpoints(workdir):
     run = workdir / "scorer_run"
-    # 2 denoising steps and one batch per epoch: the programs are small, the failure path is the same
+    # 2 denoising steps, one of them trained, and one batch per epoch: the programs are small, the failure path
+    # is the same
     args = common(workdir, **{"train.output_dir": run, "d3po.num_epochs": 1, "d3po.eval_every": 0,
-                              "train.export": "none", "d3po.num_steps": 2, "d3po.num_batches_per_epoch": 1})
+                              "train.export": "none", "d3po.num_steps": 2, "d3po.timestep_fraction": 0.5,
+                              "d3po.num_batches_per_epoch": 1})
     ok = run_dpojax(workdir, "train", D3PO_CONFIG, *args)
     assert ok.returncode == 0, ok.stderr
     before = digest(run / "checkpoints")

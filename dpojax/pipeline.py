@@ -43,9 +43,17 @@ class TextConditioning:
         return {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
 
 
-def concat_conditioning(first: TextConditioning, second: TextConditioning) -> TextConditioning:
-    """Stack two conditionings along the batch (uncond first, for one classifier-free-guidance UNet call)."""
-    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, second)
+def interleave_rows(first, second):
+    """Rows ``[f0, s0, f1, s1, ...]`` of two trees of equal-shape arrays (the inverse of
+    :func:`deinterleave_rows`). Unlike concatenation this keeps each device's rows of a batch-sharded input on
+    that device, so the doubled guidance batch needs no collective."""
+    return jax.tree.map(lambda a, b: jnp.stack([a, b], axis=1).reshape((-1, *a.shape[1:])), first, second)
+
+
+def deinterleave_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(even rows, odd rows) of ``x``."""
+    pairs = x.reshape((-1, 2, *x.shape[1:]))
+    return pairs[:, 0], pairs[:, 1]
 
 
 def sdxl_time_ids(height: int, width: int, batch: int) -> np.ndarray:
@@ -85,12 +93,12 @@ def guided_predictor(unet: nnx.Module, cond: TextConditioning, uncond: TextCondi
     own timesteps)."""
     if uncond is None:
         return lambda x, t: unet(x, t, cond.hidden_states, added_cond_kwargs=cond.added_cond_kwargs())
-    both = concat_conditioning(uncond, cond)
+    both = interleave_rows(uncond, cond)
 
     def predict(x: jax.Array, t: jax.Array) -> jax.Array:
-        t = t if jnp.ndim(t) == 0 else jnp.concatenate([t, t])
-        out = unet(jnp.concatenate([x, x]), t, both.hidden_states, added_cond_kwargs=both.added_cond_kwargs())
-        out_uncond, out_cond = jnp.split(out, 2)
+        t = t if jnp.ndim(t) == 0 else jnp.repeat(t, 2)
+        out = unet(jnp.repeat(x, 2, axis=0), t, both.hidden_states, added_cond_kwargs=both.added_cond_kwargs())
+        out_uncond, out_cond = deinterleave_rows(out)
         return sched.classifier_free_guidance(out_uncond, out_cond, guidance_scale)
 
     return predict

@@ -82,7 +82,7 @@ class CLIPTextTransformer(nnx.Module):
         # transformers: legacy configs (eos_token_id == 2) take the highest id, others the first EOS token.
         eos_pos = (jnp.argmax(input_ids, axis=-1) if self.eos_token_id == 2
                    else jnp.argmax(input_ids == self.eos_token_id, axis=-1))
-        pooled = last[jnp.arange(last.shape[0]), eos_pos]
+        pooled = jnp.take_along_axis(last, eos_pos[:, None, None], axis=1)[:, 0]  # per-row: stays on its device
         return CLIPTextOutput(last, pooled, tuple(hidden_states) if output_hidden_states else None)
 
 

@@ -250,8 +250,9 @@ class D3POConfig:
                         _check(lambda v: 0 < v < 1, "in (0, 1)"))
     timestep_fraction: float = _field(1.0, "fraction of the T denoising steps trained per pair",
                                       _check(lambda v: 0 < v <= 1, "in (0, 1]"))
-    unroll: int = _field(0, "timesteps per iteration of the update's loop over K; 0: all K on CPU (XLA:CPU runs "
-                            "the rolled loop slowly, see dpojax bench), 1 elsewhere", NON_NEGATIVE)
+    unroll: int = _field(0, "timesteps per iteration of the update's loop over K; 0: 1 on GPU/TPU, and on CPU "
+                            "all K without a loop (XLA:CPU runs a loop's convolution gradients slowly, "
+                            "docs/performance.md)", NON_NEGATIVE)
     sample_batch_size: int = _field(10, "pairs per device per sampling batch", POSITIVE)
     num_batches_per_epoch: int = _field(2, "sampling batches per epoch", POSITIVE)
     num_epochs: int = _field(400, "epochs of the run (online) or passes over a round's pairs (rounds)", POSITIVE)

@@ -129,12 +129,13 @@ def d3po_gradients(components: Components, d3po: D3POConfig, params: dict, froze
     cond2 = _repeat_rows(cond, 2)  # pair-interleaved rows [p0A, p0B, p1A, ...]
     uncond2 = None if uncond is None else _repeat_rows(uncond, 2)
     reference = nnx.merge(components.reference, frozen["reference"])
-    rows = jnp.arange(num_pairs)
+    # A per-pair index, vmapped so each device gathers from its own pairs (fancy indexing gathers globally).
+    at_step = jax.vmap(lambda pair_latents, step: pair_latents[:, step])
     preference = preference.astype(jnp.float32)
 
     def at_position(grad_sum, position):
         flat = lambda x: x.reshape((2 * num_pairs,) + x.shape[2:])  # noqa: E731
-        states, next_states = flat(latents[rows, :, position]), flat(latents[rows, :, position + 1])
+        states, next_states = flat(at_step(latents, position)), flat(at_step(latents, position + 1))
         t, t_prev = jnp.repeat(timesteps[position], 2), jnp.repeat(prev_timesteps[position], 2)
         args = (cond2, uncond2, states, next_states, t, t_prev)
         ref_logp = jax.lax.stop_gradient(transition_log_probs(reference, components, d3po, *args))
@@ -152,17 +153,25 @@ def d3po_gradients(components: Components, d3po: D3POConfig, params: dict, froze
         return grad_sum, (metrics, log_ratio)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    grad_sum, (step_metrics, log_ratios) = jax.lax.scan(at_position, zeros, positions.T,
-                                                        unroll=positions_unroll(d3po, num_positions))
+    unroll = positions_unroll(d3po, num_positions)
+    if unroll is True:  # traced position by position: lax.scan keeps even a one-step scan a loop
+        grad_sum, per_position = zeros, []
+        for position in positions.T:
+            grad_sum, out = at_position(grad_sum, position)
+            per_position.append(out)
+        step_metrics, log_ratios = jax.tree.map(lambda *o: jnp.stack(o), *per_position)
+    else:
+        grad_sum, (step_metrics, log_ratios) = jax.lax.scan(at_position, zeros, positions.T, unroll=unroll)
     grads = jax.tree.map(lambda g: g / num_positions, grad_sum)
     return grads, d3po_metrics(step_metrics, log_ratios, positions, preference, num_steps)
 
 
-def positions_unroll(d3po: D3POConfig, num_positions: int) -> int:
-    """``d3po.unroll``, or its platform default: every position on CPU, a rolled loop on GPU/TPU."""
-    if d3po.unroll:
-        return min(d3po.unroll, num_positions)
-    return num_positions if jax.devices()[0].platform == "cpu" else 1
+def positions_unroll(d3po: D3POConfig, num_positions: int) -> int | bool:
+    """``d3po.unroll``, or its platform default: every position on CPU, a rolled loop on GPU/TPU. All positions
+    is ``True``: straight-line code, as XLA:CPU runs the weight-gradient convolutions of a loop body, even of a
+    one-trip loop, on a much slower path."""
+    unroll = d3po.unroll or (num_positions if jax.devices()[0].platform == "cpu" else 1)
+    return True if unroll >= num_positions else unroll
 
 
 def d3po_metrics(step_metrics: dict[str, jax.Array], log_ratios: jax.Array, positions: jax.Array,

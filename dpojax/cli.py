@@ -123,6 +123,11 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``dpojax`` command; given ``argv`` (a call from Python), the process is left as it is."""
+    if argv is None:
+        from dpojax.host import prepare_process
+
+        prepare_process()
     args = parse_command_line(argv)
     try:
         return args.run(args) or 0

@@ -12,4 +12,6 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 source launch/venv.sh
+# glibc reads its tunables at start: malloc on huge pages, as the dpojax command runs itself (dpojax/host.py).
+export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}"
 python -m pytest -q -n auto --maxprocesses=4 --dist loadgroup --durations=25 "$@"

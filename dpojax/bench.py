@@ -532,6 +532,25 @@ def run_scorer_bench(config: Config, specs: list[str], cli_options: dict, *, ima
     return results
 
 
+def report_loader(config: Config, batches: int, warmup: int, dpo_step: dict | None, out) -> float:
+    """Print the input pipeline's pairs/s (all processes), beside what the timed DPO step consumes; returns it."""
+    from dpojax.data.rate import measure_loader
+
+    mesh = bench_mesh(config)
+    per_process = config.dpo.pairs_per_device * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+    rate = measure_loader(config, per_process, batches, warmup)
+    pairs_per_second = rate.pairs_per_second * jax.process_count()
+    line = (f"input pipeline [{rate.source}] {pairs_per_second:.2f} pairs/s ({rate.batches} batches of "
+            f"{rate.pairs_per_batch} pairs per process, {rate.seconds:.3f} s)")
+    if dpo_step is not None:
+        needed = dpo_step["pairs"] / dpo_step["jax_median_s"]
+        line += (f"; the DPO step takes {needed:.2f} pairs/s: the loader "
+                 + (f"keeps up ({pairs_per_second / needed:.1f}x)" if pairs_per_second >= needed
+                    else f"starves it ({pairs_per_second / needed:.2f}x)"))
+    print(line, file=out)
+    return pairs_per_second
+
+
 def cmd_bench(args) -> int:
     from dpojax.config import load_config
     from dpojax.feedback.scorers import parse_options, split_specs
@@ -541,13 +560,18 @@ def cmd_bench(args) -> int:
     options = parse_options(args.scorer_option)
     if args.scorers_only and not specs:
         raise ValueError("bench: --scorers-only needs --scorers")
+    if args.loader_only and not args.loader:
+        raise ValueError("bench: --loader-only needs --loader BATCHES")
     if specs:  # a wrong argument fails now, not after the steps have run
         check_counts(args.iters, args.warmup, args.rounds)
         scorer_options(config, specs, options, args.scorer_images, args.scorer_size)
-    if not args.scorers_only:
-        run_bench(config, iters=args.iters, warmup=args.warmup, rounds=args.rounds, encode=args.encode,
-                  d3po_k=args.d3po_k, with_torch=not args.no_torch, random=args.random_weights,
-                  peak_tflops=args.peak_tflops)
+    steps = []
+    if not (args.scorers_only or args.loader_only):
+        steps = run_bench(config, iters=args.iters, warmup=args.warmup, rounds=args.rounds, encode=args.encode,
+                          d3po_k=args.d3po_k, with_torch=not args.no_torch, random=args.random_weights,
+                          peak_tflops=args.peak_tflops)
+    if args.loader:
+        report_loader(config, args.loader, args.warmup, steps[0] if steps else None, sys.stdout)
     if specs:
         run_scorer_bench(config, specs, options, images=args.scorer_images, size=args.scorer_size, iters=args.iters,
                          warmup=args.warmup, rounds=args.rounds, with_torch=not args.no_torch)
@@ -581,4 +605,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--scorer-images", type=int, default=32, help="random images per scorer call (default 32)")
     p.add_argument("--scorer-size", type=int, default=512, help="their side in pixels (default 512)")
     p.add_argument("--scorers-only", action="store_true", help="skip the training steps (no pipeline is loaded)")
+    p.add_argument("--loader", type=int, default=0, metavar="BATCHES",
+                   help="also time the training input pipeline alone over this many batches (the config's data: "
+                        "JPEG decode and crop, or the latent cache); 0: not timed")
+    p.add_argument("--loader-only", action="store_true", help="time only the input pipeline (no model is loaded)")
     p.set_defaults(run=cmd_bench)

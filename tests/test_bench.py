@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, cli_env, torch_unet_flops
+from helpers import REPO, cli_env, pairs_workdir, torch_unet_flops
 
 from dpojax.cli import main
 
@@ -91,6 +91,32 @@ def test_bench_without_diffusers_still_times_jax_and_says_why(tiny, capsys, monk
     assert re.search(rf"model {NUMBER} GFLOP/step/device .*; MFU: peak unknown \(cpu: cpu\)", out), out
     assert re.search(r"\[torch\] skipped: PyTorch side not timed \(diffusers is not installed", out), out
     assert "ratio" not in out and "D3PO" not in out
+
+
+def test_bench_times_the_input_pipeline_beside_the_step(tiny, tmp_path, capsys):
+    """`--loader N`: the loader `dpojax train` reads (JPEG decode and crop of prepared pairs), timed alone, its
+    pairs/s set against the DPO step's; `--loader-only` times it without the steps."""
+    root = pairs_workdir(tmp_path, tiny, 16, eval_rows=2, image_size=64)
+    assert main(bench_args(tiny, f"data.data_dir={root / 'pairs'}", "--d3po-k", "0", "--no-torch",
+                           "--loader", "4")) == 0
+    out = capsys.readouterr().out
+    step = re.search(rf"DPO step .*\[jax\] .*; ({NUMBER}) pairs/s", out)
+    source = re.escape(f"{root / 'pairs'}: JPEG decode, resize and centre crop to 32 px, ")
+    line = re.search(rf"input pipeline \[{source}flip per_image, 0 grain workers\] ({NUMBER}) pairs/s "
+                     rf"\(4 batches of 1 pairs per process, "
+                     rf"({NUMBER}) s\); the DPO step takes ({NUMBER}) pairs/s: the loader (keeps up|starves it) "
+                     rf"\(({NUMBER})x\)", out)
+    assert step and line, out
+    rate, seconds, needed, verdict, factor = (float(line[1]), float(line[2]), float(line[3]), line[4],
+                                              float(line[5]))
+    assert rate == pytest.approx(4 / seconds, rel=max(0.02, 0.001 / seconds))  # 4 batches of 1 pair, rounded
+    assert needed == pytest.approx(float(step[1]), rel=0.01)
+    assert factor == pytest.approx(rate / needed, rel=0.02, abs=0.06) and (verdict == "keeps up") == (rate >= needed)
+    assert main(bench_args(tiny, f"data.data_dir={root / 'pairs'}", "--loader", "2", "--loader-only")) == 0
+    out = capsys.readouterr().out
+    assert "DPO step" not in out and re.search(rf"\(2 batches of 1 pairs per process, {NUMBER} s\)\n$", out), out
+    assert main(bench_args(tiny, "--loader-only")) == 2
+    assert capsys.readouterr().err.strip() == "dpojax bench: error: bench: --loader-only needs --loader BATCHES"
 
 
 def test_bench_refuses_bad_arguments_in_one_line(tiny, capsys):

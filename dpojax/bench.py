@@ -532,12 +532,12 @@ def run_scorer_bench(config: Config, specs: list[str], cli_options: dict, *, ima
     return results
 
 
-def report_loader(config: Config, batches: int, warmup: int, dpo_step: dict | None, out) -> float:
-    """Print the input pipeline's pairs/s (all processes), beside what the timed DPO step consumes; returns it."""
+def report_loader(config: Config, batches: int, warmup: int, dpo_step: dict | None, out) -> None:
+    """Print the input pipeline's pairs/s (all processes), beside what the timed DPO step consumes."""
     from dpojax.data.rate import measure_loader
 
-    mesh = bench_mesh(config)
-    per_process = config.dpo.pairs_per_device * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+    per_process = (config.dpo.pairs_per_device * parallel.mesh_batch_devices(bench_mesh(config))
+                   // jax.process_count())
     rate = measure_loader(config, per_process, batches, warmup)
     pairs_per_second = rate.pairs_per_second * jax.process_count()
     line = (f"input pipeline [{rate.source}] {pairs_per_second:.2f} pairs/s ({rate.batches} batches of "
@@ -548,7 +548,6 @@ def report_loader(config: Config, batches: int, warmup: int, dpo_step: dict | No
                  + (f"keeps up ({pairs_per_second / needed:.1f}x)" if pairs_per_second >= needed
                     else f"starves it ({pairs_per_second / needed:.2f}x)"))
     print(line, file=out)
-    return pairs_per_second
 
 
 def cmd_bench(args) -> int:
@@ -560,6 +559,8 @@ def cmd_bench(args) -> int:
     options = parse_options(args.scorer_option)
     if args.scorers_only and not specs:
         raise ValueError("bench: --scorers-only needs --scorers")
+    if args.loader < 0:
+        raise ValueError(f"bench: --loader must be >= 0 batches (0: not timed), got {args.loader}")
     if args.loader_only and not args.loader:
         raise ValueError("bench: --loader-only needs --loader BATCHES")
     if specs:  # a wrong argument fails now, not after the steps have run

@@ -65,6 +65,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequen
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def mesh_batch_devices(mesh: Mesh) -> int:
+    """Devices along the batch axes (data x fsdp) of a built mesh: batch sizes per device are multiplied by it."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def batch_device_count(mesh_config) -> int:
     """Devices along the batch axes (data x fsdp) of the config's ``mesh`` over all devices, unbuilt."""
     sizes = mesh_sizes(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(jax.devices()))

@@ -117,6 +117,9 @@ def test_bench_times_the_input_pipeline_beside_the_step(tiny, tmp_path, capsys):
     assert "DPO step" not in out and re.search(rf"\(2 batches of 1 pairs per process, {NUMBER} s\)\n$", out), out
     assert main(bench_args(tiny, "--loader-only")) == 2
     assert capsys.readouterr().err.strip() == "dpojax bench: error: bench: --loader-only needs --loader BATCHES"
+    assert main(bench_args(tiny, "--loader", "-1")) == 2  # refused before any step runs
+    assert capsys.readouterr().err.strip() == ("dpojax bench: error: bench: --loader must be >= 0 batches "
+                                               "(0: not timed), got -1")
 
 
 def test_bench_refuses_bad_arguments_in_one_line(tiny, capsys):

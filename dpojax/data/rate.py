@@ -36,8 +36,6 @@ def measure_loader(config: Config, per_process: int, batches: int, warmup: int =
     untimed ones (worker start-up)."""
     from dpojax.train.dpo import make_loader
 
-    if batches < 1 or warmup < 0:
-        raise ValueError(f"bench: --loader needs >= 1 batches and warmup >= 0, got {batches} and {warmup}")
     iterator = iter(make_loader(config, per_process))
     for _ in range(warmup):
         next(iterator)

@@ -27,7 +27,7 @@ class BatchedScores:
                  batch_size: int, mesh: Mesh | None, what: str):
         if int(batch_size) < 1:
             raise ValueError(f"{what}: batch_size must be >= 1, got {batch_size}")
-        shards = 1 if mesh is None else max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
+        shards = 1 if mesh is None else max(1, parallel.mesh_batch_devices(mesh) // jax.process_count())
         self.batch_size = -(-int(batch_size) // shards) * shards  # rounded up: every device gets equal rows
         self.mesh = mesh
         graph, state = nnx.split(model)

@@ -81,7 +81,7 @@ class Setup:
         """``weights`` as ``load_components`` takes it; ``folder`` replaces ``model.pretrained`` (plan)."""
         if mesh is None:
             mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-        batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+        batch_devices = parallel.mesh_batch_devices(mesh)
         if batch_devices % jax.process_count():
             raise ValueError(f"the {batch_devices} devices along the batch mesh axes (data x fsdp) do not split "
                              f"over {jax.process_count()} processes")
@@ -95,7 +95,7 @@ class Setup:
     @property
     def batch_devices(self) -> int:
         """Devices along the batch mesh axes (data x fsdp): batch sizes per device are multiplied by it."""
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return parallel.mesh_batch_devices(self.mesh)
 
     @property
     def local_batch_devices(self) -> int:

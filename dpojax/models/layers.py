@@ -6,6 +6,9 @@
 2. Every large kernel carries logical axis names; ``dpojax.parallel`` maps them to mesh axes.
 
 Numerics follow PyTorch (two-pass variance in GroupNorm, eps as given) so parity tests can be tight.
+
+Two layers subclass Flax's only to shape the programs XLA builds from them (docs/performance.md): ``Linear``
+contracts a 2-D view of its input, and ``GroupNorm`` takes its statistics in two contiguous stages.
 """
 
 from __future__ import annotations
@@ -22,9 +25,44 @@ CONV_AXES = (None, None, "conv_in", "conv_out")  # kernel HWIO
 EMBED_AXES = ("vocab", "embed")  # embedding table (num, features)
 
 
+class Linear(nnx.Linear):
+    """``nnx.Linear`` applied to its input's leading axes flattened into one. The weight gradient is then one
+    plain matrix product; contracting several leading axes at once, XLA:CPU transposed and copied an operand
+    of every weight-gradient product and ran it on a slower path."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return out.reshape(*inputs.shape[:-1], out.shape[-1])
+
+
+class GroupNorm(nnx.GroupNorm):
+    """``nnx.GroupNorm`` over channels-last input with its statistics (fp32 at least, two-pass variance) taken
+    in two stages: over the spatial axes per channel, where channels are the contiguous axis, then over each
+    group's channels. One reduction over (spatial, channels of a group) strides across memory, and XLA:CPU
+    ran it several times slower."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale, bias = self.scale[...], self.bias[...]
+        x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
+        out_dtype = jnp.result_type(x, scale, bias) if self.dtype is None else self.dtype
+        stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        spatial, channels = tuple(range(1, x.ndim - 1)), x.shape[-1]
+
+        def group_mean(t: jax.Array) -> jax.Array:  # (B, 1, ..., 1, C): each channel gets its group's mean
+            means = jnp.mean(t, axis=spatial)
+            if self.group_size > 1:
+                means = jnp.mean(means.reshape(-1, self.num_groups, self.group_size), axis=-1)
+                means = jnp.repeat(means, self.group_size, axis=-1)
+            return means.reshape(-1, *(1,) * len(spatial), channels)
+
+        centered = stats - group_mean(stats)
+        normed = centered * jax.lax.rsqrt(group_mean(jnp.square(centered)) + self.epsilon)
+        return (normed * scale + bias).astype(out_dtype)
+
+
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, bias: bool = True,
-           dtype=None, param_dtype=jnp.float32) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+           dtype=None, param_dtype=jnp.float32) -> Linear:
+    return Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
                       kernel_metadata={"out_sharding": LINEAR_AXES}, rngs=rngs)
 
 
@@ -39,8 +77,8 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int = 3, *, rngs: n
 
 
 def group_norm(num_channels: int, num_groups: int, eps: float, *, rngs: nnx.Rngs, dtype=None,
-               param_dtype=jnp.float32) -> nnx.GroupNorm:
-    return nnx.GroupNorm(num_channels, num_groups=num_groups, epsilon=eps, use_fast_variance=False,
+               param_dtype=jnp.float32) -> GroupNorm:
+    return GroupNorm(num_channels, num_groups=num_groups, epsilon=eps, use_fast_variance=False,
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 

@@ -41,8 +41,8 @@ def down_init(rank: int) -> nnx.Initializer:
     return nnx.initializers.normal(stddev=1.0 / rank)
 
 
-class LoRALinear(nnx.Linear):
-    """``nnx.Linear`` plus a low-rank update: ``Linear(x) + scale · lora_B(lora_A(x))``.
+class LoRALinear(layers.Linear):
+    """``layers.Linear`` plus a low-rank update: ``Linear(x) + scale · lora_B(lora_A(x))``.
 
     The factors compute in the layer's dtype; their parameters have their own ``lora_param_dtype`` (fp32 master
     weights for a bf16 base). Their logical axes follow the base kernel's: A (in, None), B (None, out).
@@ -55,9 +55,9 @@ class LoRALinear(nnx.Linear):
                          kernel_metadata={"out_sharding": layers.LINEAR_AXES}, **linear_kwargs)
         factor = dict(use_bias=False, dtype=self.dtype, param_dtype=lora_param_dtype, precision=self.precision,
                       rngs=rngs)
-        self.lora_A = nnx.Linear(in_features, rank, kernel_init=down_init(rank),
+        self.lora_A = layers.Linear(in_features, rank, kernel_init=down_init(rank),
                                  kernel_metadata={"out_sharding": (in_axis, None)}, **factor)
-        self.lora_B = nnx.Linear(rank, out_features, kernel_init=nnx.initializers.zeros,
+        self.lora_B = layers.Linear(rank, out_features, kernel_init=nnx.initializers.zeros,
                                  kernel_metadata={"out_sharding": (None, out_axis)}, **factor)
         self.scale = alpha / rank
 
@@ -70,7 +70,7 @@ def _matches(name: str, target: str) -> bool:
 
 
 def add_lora(module: nnx.Module, spec: LoRASpec, *, rngs: nnx.Rngs, lora_param_dtype=jnp.float32) -> nnx.Module:
-    """Replace every ``nnx.Linear`` whose dotted path matches a target by a ``LoRALinear``; returns ``module``.
+    """Replace every ``layers.Linear`` whose dotted path matches a target by a ``LoRALinear``; returns ``module``.
 
     Call it inside ``nnx.eval_shape`` (the project builds models abstractly and loads weights afterwards):
     the replaced layers get fresh base variables of the same shapes and settings.
@@ -80,7 +80,7 @@ def add_lora(module: nnx.Module, spec: LoRASpec, *, rngs: nnx.Rngs, lora_param_d
         name = ".".join(map(str, path))
         for target in spec.targets:
             if path and _matches(name, target):
-                if type(child) is not nnx.Linear:
+                if type(child) is not layers.Linear:
                     raise ValueError(f"lora target {target!r} matches {name}, a {type(child).__name__}; "
                                      f"only linear layers take adapters")
                 found[target].append(path)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -158,3 +159,53 @@ def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, PartitionSpec(BATCH_AXES)))
+
+
+# --- per-device gradients --------------------------------------------------------------------------------------
+
+def per_device_gradients(mesh: Mesh, replicated_shardings) -> bool:
+    """Whether :func:`data_parallel` should run its function per device on ``mesh``: a CPU mesh with more than
+    one batch device, and parameters and frozen weights (their ``replicated_shardings``) all replicated.
+
+    Under jit's automatic partitioning the gradient of each parameter is a partial sum per device, reduced by
+    one combined all-reduce whose operands XLA:CPU takes one at a time, each a rendezvous of every device's
+    thread (docs/performance.md). On GPU and TPU the combined all-reduces overlap with the backward pass, and
+    sharded weights (FSDP, tensor parallel) need their own reductions, so those keep automatic partitioning.
+    """
+    return (mesh.devices.flat[0].platform == "cpu" and mesh_batch_devices(mesh) > 1
+            and all(s.is_fully_replicated for s in jax.tree.leaves(replicated_shardings)))
+
+
+def _mean_as_one_buffer(tree, axes: tuple[str, ...]):
+    """The mean over the mesh ``axes`` of a tree of arrays (inside ``shard_map``): one all-reduce of one flat
+    fp32 buffer, cut back into the tree's shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return tree
+    flat = jax.lax.pmean(jnp.concatenate([x.astype(jnp.float32).reshape(-1) for x in leaves]), axes)
+    pieces = jnp.split(flat, np.cumsum([x.size for x in leaves])[:-1])
+    shaped = [piece.reshape(x.shape).astype(x.dtype) for piece, x in zip(pieces, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, shaped)
+
+
+def data_parallel(fn: Callable, mesh: Mesh | None, replicated: tuple, rows: tuple):
+    """``fn(*replicated, *rows) -> (grads, means, per_row)`` on a batch whose ``rows`` arrays share a leading
+    axis sharded over the batch mesh axes.
+
+    With a ``mesh``, ``fn`` runs on each device's rows inside ``shard_map``: ``grads`` and ``means`` come back
+    averaged over the batch devices, the gradients as one flat all-reduce, and ``per_row`` outputs (leading
+    axis: the rows) joined. That equals ``fn`` on the whole batch when every gradient and mean is a mean over
+    rows, which the preference losses are. Without a mesh ``fn`` runs on the global arrays.
+    """
+    if mesh is None:
+        return fn(*replicated, *rows)
+
+    def per_device(replicated, rows):
+        grads, means, per_row = fn(*replicated, *rows)
+        return _mean_as_one_buffer(grads, BATCH_AXES), jax.lax.pmean(means, BATCH_AXES), per_row
+
+    # Unchecked: with replication checking on, shard_map would all-reduce the gradient of each replicated input
+    # itself, leaf by leaf, which is what this function exists to avoid.
+    batch = PartitionSpec(BATCH_AXES)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), batch),
+                         out_specs=(PartitionSpec(), PartitionSpec(), batch), check_vma=False)(replicated, rows)

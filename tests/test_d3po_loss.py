@@ -23,6 +23,7 @@ from helpers import (
     unet_only_components,
 )
 
+from dpojax import parallel
 from dpojax.bench_torch import ddim_log_prob
 from dpojax.config import D3POConfig
 from dpojax.losses import LN2
@@ -105,7 +106,7 @@ def torch_d3po_grads(policy, reference, x):
     return grads, total, torch.cat(inside).double().mean().item()
 
 
-def jax_d3po(policy_split, reference_split, x, d3po=D3PO):
+def jax_d3po(policy_split, reference_split, x, d3po=D3PO, gradient_mesh=None):
     graph, params = policy_split
     ref_graph, ref_params = reference_split
     components = unet_only_components(graph, ref_graph)
@@ -116,17 +117,20 @@ def jax_d3po(policy_split, reference_split, x, d3po=D3PO):
     @jax.jit
     def run(p, rp):
         return d3po_gradients(components, d3po, p, {"reference": rp}, jnp.asarray(x["latents"]), cond, uncond,
-                              jnp.asarray(PREFERENCE), jnp.asarray(x["positions"]))
+                              jnp.asarray(PREFERENCE), jnp.asarray(x["positions"]), gradient_mesh)
 
     grads, metrics = run(params, ref_params)
     return grads, jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("unroll", [0, 1], ids=["unrolled", "rolled-loop"])
-def test_gradient_matches_pytorch_reference_formula(models, inputs, unroll):
+@pytest.mark.parametrize(("unroll", "per_device"), [(0, False), (1, False), (0, True)],
+                         ids=["unrolled", "rolled-loop", "per-device"])
+def test_gradient_matches_pytorch_reference_formula(models, inputs, unroll, per_device):
+    """``per_device``: one pair on each of 3 devices, their gradients averaged by ``parallel.data_parallel``."""
     policy, reference, policy_split, reference_split = models
     torch_grads, torch_loss, torch_inside = torch_d3po_grads(policy, reference, inputs)
-    grads, metrics = jax_d3po(policy_split, reference_split, inputs, dataclasses.replace(D3PO, unroll=unroll))
+    mesh = parallel.make_mesh(data=PAIRS, fsdp=1, devices=jax.devices()[:PAIRS]) if per_device else None
+    grads, metrics = jax_d3po(policy_split, reference_split, inputs, dataclasses.replace(D3PO, unroll=unroll), mesh)
     assert 0.1 < torch_inside < 0.95, f"the check needs ratios both inside and outside the band: {torch_inside}"
     assert float(metrics["inside_fraction"]) == pytest.approx(torch_inside)
     # The fp32 UNet outputs enter each log-prob divided by σ², small at the last steps, so the fp32 log-ratios

@@ -119,3 +119,52 @@ def test_unet_is_fsdp_sharded_and_forward_matches_single_device(unet_folder, mes
     assert out_sharded.sharding.spec[0] == ("data", "fsdp")
     err = np.linalg.norm(np.asarray(out_sharded) - np.asarray(out_single)) / np.linalg.norm(out_single)
     assert err < 1e-5, err
+
+
+def test_data_parallel_per_device_equals_the_whole_batch():
+    """Per device (one flat all-reduce of the gradients) and on the global arrays give the same gradients, means
+    and per-row outputs, for a loss that is a mean over rows."""
+    mesh = parallel.make_mesh(data=4, fsdp=2)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32), "b": jnp.asarray(rng.standard_normal(5))}
+    x, y = jnp.asarray(rng.standard_normal((16, 3)), jnp.float32), jnp.asarray(rng.standard_normal((16, 5)))
+
+    def fn(params, scale, x, y):
+        def loss(p):
+            err = scale * jnp.square(x @ p["w"] + p["b"] - y).mean(axis=1)
+            return err.mean(), err
+        (value, per_row), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return grads, {"loss": value}, per_row
+
+    whole = jax.jit(lambda *a: parallel.data_parallel(fn, None, a[:2], a[2:]))(params, 2.0, x, y)
+    per_device = jax.jit(lambda *a: parallel.data_parallel(fn, mesh, a[:2], a[2:]))(params, 2.0, x, y)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(per_device), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert per_device[2].sharding.spec == P(parallel.BATCH_AXES)
+
+
+def test_steps_take_gradients_per_device_only_on_a_replicated_cpu_mesh(tiny_sdxl, monkeypatch):
+    """The DPO step's update is the same with gradients per device (the CPU default when parameters are
+    replicated) and under jit's automatic partitioning; sharded parameters keep the latter."""
+    from dpojax import bench
+    from dpojax.config import load_config
+    from dpojax.train.harness import Setup
+    from dpojax.train.step import make_step_functions
+
+    overrides = [f"model.pretrained={tiny_sdxl}", "dpo.pairs_per_device=1"]
+    assert Setup.build(load_config("configs/tiny_sdxl_dpo.yaml", [*overrides, "mesh.fsdp=-1"])).gradient_mesh is None
+    config = load_config("configs/tiny_sdxl_dpo.yaml", [*overrides, "mesh.data=-1", "mesh.fsdp=1"])
+    setup = Setup.build(config)
+    assert setup.gradient_mesh is setup.mesh
+    batch = parallel.global_batch(bench.dpo_inputs(setup.components, config, setup.batch_devices, False),
+                                  setup.mesh)
+    per_device = make_step_functions(setup).update(bench.fresh_state(setup), None, setup.frozen, batch, 0)
+    monkeypatch.setattr(parallel, "per_device_gradients", lambda *_: False)
+    assert setup.gradient_mesh is None
+    automatic = make_step_functions(setup).update(bench.fresh_state(setup), None, setup.frozen, batch, 0)
+    (state_a, _, metrics_a), (state_b, _, metrics_b) = automatic, per_device
+    assert float(metrics_b["grad_norm"]) > 0
+    for name in ("loss", "grad_norm", "implicit_acc"):
+        assert float(metrics_b[name]) == pytest.approx(float(metrics_a[name]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from dpojax import losses
+from dpojax import losses, parallel
 from dpojax import schedule as sched
 from dpojax.components import Components, policy_unet_params, shardings_of
 from dpojax.config import D3POConfig
@@ -116,22 +117,40 @@ def transition_log_probs(unet: nnx.Module, components: Components, d3po: D3POCon
 
 def d3po_gradients(components: Components, d3po: D3POConfig, params: dict, frozen: dict,
                    latents: jax.Array, cond: TextConditioning, uncond: TextConditioning | None,
-                   preference: jax.Array, positions: jax.Array) -> tuple[dict, dict[str, jax.Array]]:
+                   preference: jax.Array, positions: jax.Array, gradient_mesh: Mesh | None = None
+                   ) -> tuple[dict, dict[str, jax.Array]]:
     """The mean over K positions of the gradient of the D3PO loss, and the step's metrics.
 
     ``latents`` (P, 2, T+1, C, h, w): both members' x_T ... x_0; ``cond``/``uncond``: P rows;
     ``preference`` (P, 2) in {−1, 0, +1}; ``positions`` (P, K) int: the denoising-step indices trained per pair.
+    ``gradient_mesh``: take the gradients per device on it (``parallel.data_parallel``).
     """
+    num_steps = latents.shape[2] - 1
+    preference = preference.astype(jnp.float32)
+
+    def pairs_gradients(params, frozen, latents, cond, uncond, preference, positions):
+        grads, step_metrics, log_ratios = _positions_gradients(components, d3po, params, frozen, latents, cond,
+                                                               uncond, preference, positions)
+        return grads, step_metrics, jnp.swapaxes(log_ratios, 0, 1)  # (P, K, 2): the rows lead
+
+    grads, step_metrics, log_ratios = parallel.data_parallel(pairs_gradients, gradient_mesh, (params, frozen),
+                                                             (latents, cond, uncond, preference, positions))
+    return grads, d3po_metrics(step_metrics, jnp.swapaxes(log_ratios, 0, 1), positions, preference, num_steps)
+
+
+def _positions_gradients(components: Components, d3po: D3POConfig, params: dict, frozen: dict,
+                         latents: jax.Array, cond: TextConditioning, uncond: TextConditioning | None,
+                         preference: jax.Array, positions: jax.Array):
+    """(mean gradient over the K positions, per-position loss metrics, log-ratios (K, P, 2)) of these pairs."""
+    reference = nnx.merge(components.reference, frozen["reference"])
     num_pairs, num_positions = positions.shape
     num_steps = latents.shape[2] - 1
     timesteps = jnp.asarray(sched.ddim_timesteps(components.schedule, num_steps))
     prev_timesteps = jnp.asarray(sched.ddim_prev_timesteps(components.schedule, num_steps))
     cond2 = _repeat_rows(cond, 2)  # pair-interleaved rows [p0A, p0B, p1A, ...]
     uncond2 = None if uncond is None else _repeat_rows(uncond, 2)
-    reference = nnx.merge(components.reference, frozen["reference"])
     # A per-pair index, vmapped so each device gathers from its own pairs (fancy indexing gathers globally).
     at_step = jax.vmap(lambda pair_latents, step: pair_latents[:, step])
-    preference = preference.astype(jnp.float32)
 
     def at_position(grad_sum, position):
         flat = lambda x: x.reshape((2 * num_pairs,) + x.shape[2:])  # noqa: E731
@@ -163,7 +182,7 @@ def d3po_gradients(components: Components, d3po: D3POConfig, params: dict, froze
     else:
         grad_sum, (step_metrics, log_ratios) = jax.lax.scan(at_position, zeros, positions.T, unroll=unroll)
     grads = jax.tree.map(lambda g: g / num_positions, grad_sum)
-    return grads, d3po_metrics(step_metrics, log_ratios, positions, preference, num_steps)
+    return grads, step_metrics, log_ratios
 
 
 def positions_unroll(d3po: D3POConfig, num_positions: int) -> int | bool:
@@ -236,7 +255,7 @@ def make_update(setup: Setup) -> Callable:
         latents = batch["latents"]
         positions = training_positions(key, latents.shape[0], latents.shape[2] - 1, d3po.timestep_fraction)
         grads, metrics = d3po_gradients(components, d3po, state.params, frozen, latents, cond,
-                                        uncond, batch["preference"], positions)
+                                        uncond, batch["preference"], positions, setup.gradient_mesh)
         grads = jax.tree.map(lambda g: poisoned(g, state.step, nan_step), grads)  # test hook (NaN stop)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dpojax import parallel
-from dpojax.components import Components, Weights, load_components, policy_unet_params
+from dpojax.components import Components, Weights, load_components, policy_unet_params, shardings_of
 from dpojax.config import Config
 from dpojax.distributed import any_process, barrier
 from dpojax.train.checkpoint import Checkpointer, abstract_like
@@ -109,6 +109,12 @@ class Setup:
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def gradient_mesh(self) -> jax.sharding.Mesh | None:
+        """The mesh the steps take gradients per device on (``parallel.data_parallel``), or None."""
+        replicated = (self.shardings.params, shardings_of(self.frozen))
+        return self.mesh if parallel.per_device_gradients(self.mesh, replicated) else None
 
     def _init(self, params) -> TrainState:
         return init_state(self.tx, params, self.config.train.seed)

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dpojax import losses
+from dpojax import losses, parallel
 from dpojax import schedule as sched
 from dpojax.components import Components, policy_unet_params, shardings_of
 from dpojax.config import LossConfig
@@ -148,20 +148,24 @@ def make_step_functions(setup: Setup) -> StepFunctions:
     images_per_pair = 1 if loss_config.type in losses.WINNERS_ONLY_LOSSES else 2
     grad_accum = config.dpo.grad_accum
     nan_step = config.train.debug_nan_at_step
-    replicated, batch_sharding = setup.replicated, setup.batch_sharding
+    replicated, batch_sharding, gradient_mesh = setup.replicated, setup.batch_sharding, setup.gradient_mesh
 
-    def gradients(state: TrainState, frozen: dict, batch: dict, micro: jax.Array):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), micro)
-        latents, noise, timesteps, cond = micro_batch_inputs(components, frozen, batch, key, images_per_pair)
-
+    def loss_gradients(params, frozen, step, latents, noise, timesteps, cond):
         def loss_fn(params):
             policy = policy_unet_params(components, params, frozen)  # with LoRA: base weights + adapters
             loss, metrics = preference_objective(components, loss_config, policy, frozen.get("reference"),
                                                  latents, noise, timesteps, cond)
-            loss = poisoned(loss, state.step, nan_step)  # test hook: exercises the non-finite-loss stop
+            loss = poisoned(loss, step, nan_step)  # test hook: exercises the non-finite-loss stop
             return loss, {**metrics, "loss": loss}
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, metrics, ()
+
+    def gradients(state: TrainState, frozen: dict, batch: dict, micro: jax.Array):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), micro)
+        rows = micro_batch_inputs(components, frozen, batch, key, images_per_pair)
+        grads, metrics, _ = parallel.data_parallel(loss_gradients, gradient_mesh, (state.params, frozen, state.step),
+                                                   rows)
         return grads, metrics
 
     def update(state: TrainState, accum: Any, frozen: dict, batch: dict, micro: jax.Array):

@@ -182,9 +182,11 @@ def _mean_as_one_buffer(tree, axes: tuple[str, ...]):
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         return tree
-    flat = jax.lax.pmean(jnp.concatenate([x.astype(jnp.float32).reshape(-1) for x in leaves]), axes)
-    pieces = jnp.split(flat, np.cumsum([x.size for x in leaves])[:-1])
-    shaped = [piece.reshape(x.shape).astype(x.dtype) for piece, x in zip(pieces, leaves, strict=True)]
+    total = jax.lax.psum(jnp.concatenate([x.astype(jnp.float32).reshape(-1) for x in leaves]), axes)
+    pieces = jnp.split(total, np.cumsum([x.size for x in leaves])[:-1])
+    # Divided after the split: XLA's cost analysis charges each piece's fusion for work done before its slice.
+    devices = jax.lax.psum(1, axes)
+    shaped = [(piece / devices).reshape(x.shape).astype(x.dtype) for piece, x in zip(pieces, leaves, strict=True)]
     return jax.tree.unflatten(treedef, shaped)
 
 

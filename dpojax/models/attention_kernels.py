@@ -87,10 +87,32 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array |
     the larger score matrix), and it is the faster on CPU (``dpojax bench``)."""
     if mask is not None or is_causal:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
-    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", weights, v)
+    return _softmax_attention(q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype), k, v)
+
+
+@jax.custom_vjp
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return _softmax_attention_forward(q, k, v)[0]
+
+
+def _softmax_attention_forward(q, k, v):
+    """Attention of pre-scaled ``q``, keeping the probabilities for the backward pass. Differentiated
+    automatically, XLA:CPU fused the score product and the exponential into several backward fusions and
+    computed them again in each."""
+    weights = jax.nn.softmax(_scores(q, k), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v), (q, k, v, weights)
+
+
+def _softmax_attention_backward(residuals, d_out):
+    q, k, v, weights = residuals
+    f32 = dict(preferred_element_type=jnp.float32)
+    dv = jnp.einsum("bhts,bthd->bshd", weights.astype(v.dtype), d_out)
+    d_weights = jnp.einsum("bthd,bshd->bhts", d_out, v, **f32)
+    d_scores = (weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))).astype(q.dtype)
+    return (jnp.einsum("bhts,bshd->bthd", d_scores, k), jnp.einsum("bhts,bthd->bshd", d_scores, q), dv)
+
+
+_softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
 
 
 def _blocks(x: jax.Array, block: int) -> list[jax.Array]:

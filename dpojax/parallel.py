@@ -74,7 +74,7 @@ def mesh_batch_devices(mesh: Mesh) -> int:
 def batch_device_count(mesh_config) -> int:
     """Devices along the batch axes (data x fsdp) of the config's ``mesh`` over all devices, unbuilt."""
     sizes = mesh_sizes(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(jax.devices()))
-    return sizes["data"] * sizes["fsdp"]
+    return math.prod(sizes[axis] for axis in BATCH_AXES)
 
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:

@@ -24,7 +24,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` to the ``dpojax`` parser."""
-    p = subparsers.add_parser("eval", help="score a model's images (and its win rate over a reference) with 95% "
+    p = subparsers.add_parser("eval", help="score a model's images (and its win rate over a reference) with 95%% "
                                            "intervals; images cached, report.html")
     p.add_argument("model", help="diffusers pipeline folder, e.g. a training run's final/")
     p.add_argument("--against", help="reference pipeline folder: same prompts, seeds and sampler")

@@ -11,7 +11,7 @@ here) runs the reference Diffusion-DPO step with diffusers' UNet loaded from the
 same inputs, batch, dtype and thread count, and the ratio JAX / PyTorch is printed. The same is done for a
 D3PO step over K denoising steps (``dpojax.train.d3po.update_program``) on the same models and pairs.
 
-With ``--scorers``, each scorer (``dpojax.feedback.scorers``) is timed too, as a whole call from uint8 images and
+With ``--scorers``, each scorer (``dpojax.scorers.registry``) is timed too, as a whole call from uint8 images and
 prompts (tokenization, preprocessing, fixed-size batches) on random images and fixed prompts of varied length,
 against its PyTorch original (``dpojax.bench_torch_scorers``) built from the same files and scoring the same
 images in batches of the same size; images/s on both sides, and how far apart their scores are.
@@ -459,7 +459,7 @@ def scorer_inputs(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, lis
 def scorer_options(config: Config, specs: list[str], cli_options: dict, images: int, size: int) -> dict:
     """The model files of the config's ``scorers`` section, with the ``--scorer-option`` ones over them; the
     arguments checked."""
-    from dpojax.feedback.scorers import check_options_taken, config_files
+    from dpojax.scorers.registry import check_options_taken, config_files
 
     if images < 1 or size < 1:
         raise ValueError(f"bench: --scorer-images ({images}) and --scorer-size ({size}) must be >= 1")
@@ -472,7 +472,8 @@ def scorer_options(config: Config, specs: list[str], cli_options: dict, images: 
 
 def scorer_case(spec: str, options: dict, images: np.ndarray, prompts: list[str]) -> tuple[Case, np.ndarray, int]:
     """(the case calling the JAX scorer ``spec`` on ``images``, its scores, its batch size)."""
-    from dpojax.feedback.scorers import make_scorer, options_taken, score_images
+    from dpojax.scorers.base import score_images
+    from dpojax.scorers.registry import make_scorer, options_taken
 
     try:
         scorer = make_scorer(spec, **options_taken(spec, options))
@@ -490,7 +491,7 @@ def scorer_case(spec: str, options: dict, images: np.ndarray, prompts: list[str]
 def torch_scorer(torch_side, spec: str, options: dict, batch_size: int, images: np.ndarray, prompts: list[str],
                  jax_scores: np.ndarray):
     """(the PyTorch original's call or None, what it runs or why not)."""
-    from dpojax.feedback.scorers import options_taken
+    from dpojax.scorers.registry import options_taken
 
     device = torch_side.torch_device(jax.default_backend())
     try:
@@ -536,7 +537,7 @@ def report_loader(config: Config, batches: int, warmup: int, dpo_step: dict | No
     """Print the input pipeline's pairs/s (all processes), beside what the timed DPO step consumes."""
     from dpojax.data.rate import measure_loader
 
-    per_process = (config.dpo.pairs_per_device * parallel.mesh_batch_devices(bench_mesh(config))
+    per_process = (config.dpo.pairs_per_device * parallel.batch_devices(bench_mesh(config))
                    // jax.process_count())
     rate = measure_loader(config, per_process, batches, warmup)
     pairs_per_second = rate.pairs_per_second * jax.process_count()
@@ -552,7 +553,7 @@ def report_loader(config: Config, batches: int, warmup: int, dpo_step: dict | No
 
 def cmd_bench(args) -> int:
     from dpojax.config import load_config
-    from dpojax.feedback.scorers import parse_options, split_specs
+    from dpojax.scorers.registry import parse_options, split_specs
 
     config = load_config(args.config, args.overrides)
     specs = [] if args.scorers is None else split_specs(args.scorers)

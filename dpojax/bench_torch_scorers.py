@@ -33,7 +33,7 @@ import transformers
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from dpojax.feedback.imagereward import MEAN, STD, model_files, vision_sizes
+from dpojax.scorers.imagereward import MEAN, STD, model_files, vision_sizes
 from dpojax.weights.folder import component_folder
 
 CLIP_SCALES = ("pickscore", "clip_score", "clip_cosine")

@@ -90,11 +90,6 @@ def initialize(args: argparse.Namespace | None = None) -> str:
     return kind
 
 
-def is_primary() -> bool:
-    """Process 0 writes logs, metrics and exported files; the others compute and stay quiet."""
-    return jax.process_index() == 0
-
-
 # The coordination service's barrier waits this long; a device collective gives up after 30 s without its peers.
 BARRIER_TIMEOUT_S = 3600
 

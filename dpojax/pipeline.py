@@ -71,16 +71,6 @@ class Trajectory:
     timesteps: jax.Array  # (T,) int32: t of each step
     prev_timesteps: jax.Array  # (T,) int32: t' of each step (< 0: past the end)
 
-    @property
-    def states(self) -> jax.Array:
-        """x_t before each step, (B, T, C, h, w)."""
-        return self.latents[:, :-1]
-
-    @property
-    def next_states(self) -> jax.Array:
-        """x_{t'} after each step (the "action"), (B, T, C, h, w)."""
-        return self.latents[:, 1:]
-
 
 Predictor = Callable[[jax.Array, jax.Array], jax.Array]
 

@@ -137,14 +137,8 @@ def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t)
     return _f32(noise)
 
 
-def predicted_x0_and_eps(schedule: NoiseSchedule, model_output: jax.Array, x_t: jax.Array, t
-                         ) -> tuple[jax.Array, jax.Array]:
-    """Turn a model prediction (epsilon or v) into the implied clean sample x̂0 and noise ε̂, fp32."""
-    a = _alpha_bar(schedule, t, jnp.ndim(x_t))
-    return _x0_and_eps(schedule.prediction_type, _f32(model_output), _f32(x_t), a)
-
-
 def _x0_and_eps(prediction_type: str, model_output: jax.Array, x_t: jax.Array, a: jax.Array):
+    """The clean sample x̂0 and noise ε̂ a model prediction (epsilon or v) implies at ᾱ_t = ``a``."""
     if prediction_type == "v_prediction":
         x0 = jnp.sqrt(a) * x_t - jnp.sqrt(1 - a) * model_output
         return x0, jnp.sqrt(a) * model_output + jnp.sqrt(1 - a) * x_t

@@ -26,7 +26,7 @@ from dpojax import schedule as sched
 from dpojax.components import Components, policy_unet_params
 from dpojax.diffusers_folder import PipelineFolder
 from dpojax.tiny import SCHEDULER
-from dpojax.train.step import denoiser_mse, host_batch, micro_batch_inputs, winners_first
+from dpojax.train.dpo_step import denoiser_mse, host_batch, micro_batch_inputs, winners_first
 from dpojax.weights import io, naming
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +122,16 @@ def patterned_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarr
 def decode_image(data: bytes) -> np.ndarray:
     """An encoded image's RGB pixels."""
     return np.asarray(Image.open(BytesIO(data)).convert("RGB"))
+
+
+def preference_score(images: np.ndarray) -> np.ndarray:
+    """The preference of the synthetic pairs (``dpojax.data.synth``): mean brightness in [0, 1] of uint8 RGB
+    images shaped (..., H, W, 3)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim < 3 or images.shape[-1] != 3:
+        raise ValueError(f"preference_score wants uint8 (..., H, W, 3) images, got {images.dtype} "
+                         f"{images.shape}")
+    return images.mean(axis=(-3, -2, -1)) / 255.0
 
 
 def shard_rows(src: Path, split: str = "train") -> list[dict]:

@@ -20,7 +20,7 @@ from helpers import D3PO_CONFIG, paired_change, run_dpojax
 from dpojax import cli
 from dpojax.feedback.labels import read_labels
 from dpojax.feedback.rounds import read_round
-from dpojax.feedback.scorers import brightness
+from dpojax.scorers.proxies import brightness
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,13 @@ import itertools
 
 import numpy as np
 import pytest
+from helpers import preference_score
 from PIL import Image
 
 from dpojax.config import ConfigError, DataConfig, load_config
 from dpojax.data.pickapic import prepare_pickapic
 from dpojax.data.pipeline import make_pair_loader, open_pairs
-from dpojax.data.synth import preference_score, write_synthetic_pickapic
+from dpojax.data.synth import write_synthetic_pickapic
 from dpojax.data.transforms import resize_shorter_side
 
 IMAGE_SIZE = 32  # shorter side of the synthetic images (they are 32x32, 32x40 or 40x32)

@@ -8,12 +8,12 @@ import argparse
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import decode_image, prepared_examples, shard_rows
+from helpers import decode_image, preference_score, prepared_examples, shard_rows
 
 from dpojax.data.cli import register_cli
 from dpojax.data.pickapic import prepare_pickapic
 from dpojax.data.schema import PICKAPIC_SCHEMA, split_files
-from dpojax.data.synth import preference_score, write_synthetic_pickapic
+from dpojax.data.synth import write_synthetic_pickapic
 
 ROWS, TIES, CORRUPT, MISSING = 40, 4, 2, 2
 

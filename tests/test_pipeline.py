@@ -119,7 +119,7 @@ def test_trajectory_rescoring_reproduces_log_probs(sdxl):
     predict = guided_predictor(sdxl.unet, cond, sdxl.encode_negative(cond), 5.0)
     for j in range(STEPS):
         t, t_prev = traj.timesteps[j], traj.prev_timesteps[j]
-        x_t, x_next = traj.states[:, j], traj.next_states[:, j]
+        x_t, x_next = traj.latents[:, j], traj.latents[:, j + 1]  # before and after step j
         _, log_prob = S.ddim_step(sdxl.schedule, predict(x_t, t), t, t_prev, x_t, 1.0, prev_sample=x_next)
         np.testing.assert_allclose(log_prob, traj.log_probs[:, j], rtol=1e-4, atol=1e-4)
 

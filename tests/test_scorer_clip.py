@@ -13,10 +13,11 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from dpojax import parallel
 from dpojax.bench_torch_scorers import clip_original
 from dpojax.diffusers_folder import tokenize
-from dpojax.feedback import clip_scorers
-from dpojax.feedback.clip_scorers import clip_scores, load_clip_scorer, load_tokenizer
-from dpojax.feedback.scorers import make_scorer, score_images
 from dpojax.models.clip import load_clip
+from dpojax.scorers import clip_scorers
+from dpojax.scorers.base import score_images
+from dpojax.scorers.clip_scorers import clip_scores, load_clip_scorer, load_tokenizer
+from dpojax.scorers.registry import make_scorer
 from dpojax.weights import naming
 
 PROMPTS = ["a cat", "the dog and the cat", "", "a red car on a wet road at night, " * 4, "Dog!"]

@@ -17,10 +17,11 @@ from safetensors.numpy import save_file
 from dpojax import parallel
 from dpojax.bench_torch_scorers import hps_original, hps_transform
 from dpojax.diffusers_folder import tokenize
-from dpojax.feedback import hps
-from dpojax.feedback.clip_scorers import clip_scores
-from dpojax.feedback.scorers import make_scorer, score_images
 from dpojax.models.clip import CLIPModel
+from dpojax.scorers import hps
+from dpojax.scorers.base import score_images
+from dpojax.scorers.clip_scorers import clip_scores
+from dpojax.scorers.registry import make_scorer
 from dpojax.weights import io, naming
 
 # Digits, punctuation and case; longer than the context (so truncated); HTML entities and curly quotes, which

@@ -15,8 +15,9 @@ from safetensors.numpy import save_file
 
 from dpojax import parallel
 from dpojax.bench_torch_scorers import imagereward_original
-from dpojax.feedback.imagereward import ImageRewardScorer, load_image_reward, load_tokenizer, tokenize, vision_sizes
-from dpojax.feedback.scorers import make_scorer, score_images
+from dpojax.scorers.base import score_images
+from dpojax.scorers.imagereward import ImageRewardScorer, load_image_reward, load_tokenizer, tokenize, vision_sizes
+from dpojax.scorers.registry import make_scorer
 from dpojax.weights import naming
 
 # Of different lengths (the padding mask matters), one past 35 tokens, one naming a BLIP special token.

@@ -2,7 +2,7 @@
 
 PyTorch side: diffusers' ``UNet2DConditionModel`` and ``DDPMScheduler.add_noise`` with the same weights,
 the official code's loss (docs/losses.md) written out in torch (batch laid out [winners; losers]).
-JAX side: ``dpojax.train.step.preference_objective`` (pair-interleaved layout) and ``jax.grad``.
+JAX side: ``dpojax.train.dpo_step.preference_objective`` (pair-interleaved layout) and ``jax.grad``.
 
 fp32 limits the agreement at large β: the logit is β/2 times a difference of MSEs of order 1, so the ~1e-7
 rounding of each MSE becomes ~1e-4 in the loss at β = 5000. The 1e-4 check therefore runs at β = 500 (with a
@@ -22,7 +22,7 @@ from dpojax.config import LossConfig
 from dpojax.losses import LN2
 from dpojax.pipeline import TextConditioning
 from dpojax.tiny import SCHEDULER, TEXT_HIDDEN
-from dpojax.train.step import preference_objective
+from dpojax.train.dpo_step import preference_objective
 
 PAIRS, LATENT = 3, 8
 

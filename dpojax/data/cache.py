@@ -70,7 +70,7 @@ def encode_cache(config: Config, out: str | Path, *, store_dtype: str = "float32
     modules = tuple(None if graph is None else nnx.merge(graph, frozen[name]) for name, graph in (
         ("vae", components.vae), ("text_encoder", components.text_encoder),
         ("text_encoder_2", components.text_encoder_2)))
-    devices = parallel.mesh_batch_devices(mesh)
+    devices = parallel.batch_devices(mesh)
     batch = devices * config.dpo.pairs_per_device
     in_order = dataclasses.replace(data, shuffle=False, flip="none", caption_dropout=0.0)  # every pair once, as is
     loader = make_pair_loader(in_order, batch_size=batch, seed=config.train.seed, num_epochs=1,

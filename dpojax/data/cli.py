@@ -29,19 +29,19 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def _scorer(args: argparse.Namespace):
     """``--scorer`` with its ``--scorer-option KEY=VALUE`` options."""
-    from dpojax.feedback.scorers import make_scorer, parse_options
+    from dpojax.scorers.registry import make_scorer, parse_options
 
     return make_scorer(args.scorer, **parse_options(args.scorer_option))
 
 
 def cmd_relabel(args: argparse.Namespace) -> None:
-    from dpojax.data.feedback import relabel_pickapic
+    from dpojax.data.scored_pairs import relabel_pickapic
 
     relabel_pickapic(args.src, args.out, _scorer(args), batch_size=args.batch_size)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from dpojax.data.feedback import generate_pairs
+    from dpojax.data.scored_pairs import generate_pairs
     from dpojax.evaluate.images import Sampling
     from dpojax.evaluate.prompts import read_prompts
 

@@ -1,9 +1,10 @@
 """Synthetic Pick-a-Pic v2 shards with a known, measurable preference: the brighter image is preferred.
 
 Every row has two real JPEGs of one random scene (smooth colour field plus a disc) rendered at two brightness
-levels drawn from disjoint ranges, so ``preference_score`` separates winner from loser on every non-tie pair,
+levels drawn from disjoint ranges, so the mean brightness separates winner from loser on every non-tie pair,
 even after JPEG compression and resizing. A tiny diffusion model trained with DPO on these pairs should make
-brighter samples than its reference, and a test can measure that with the same ``preference_score``.
+brighter samples than its reference, and a test can measure that with the same mean (``preference_score`` of
+tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -43,15 +44,6 @@ MODELS = (
 WINNER_LEVELS = (0.62, 0.80)  # mean brightness of the preferred image
 LOSER_LEVELS = (0.20, 0.38)  # mean brightness of the other one; disjoint from the winner's range
 TIE_LEVELS = (0.35, 0.65)
-
-
-def preference_score(images: np.ndarray) -> np.ndarray:
-    """The synthetic preference: mean brightness in [0, 1] of uint8 RGB images shaped (..., H, W, 3)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim < 3 or images.shape[-1] != 3:
-        raise ValueError(f"preference_score wants uint8 (..., H, W, 3) images, got {images.dtype} "
-                         f"{images.shape}")
-    return images.mean(axis=(-3, -2, -1)) / 255.0
 
 
 @dataclasses.dataclass(frozen=True)

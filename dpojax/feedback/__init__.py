@@ -1,9 +1,8 @@
-"""Preference sources for D3PO: reward proxies and user scorers behind one interface, human-feedback rounds,
-their labels, and the labeling web page (``dpojax label ROUND``)."""
+"""Human feedback for D3PO: rounds of sampled images (``rounds``), the people's labels of them (``labels``), and
+the labeling web page that collects them (``server``, ``label_page.html``; ``dpojax label ROUND``). Scorers, the
+automatic preference sources, are ``dpojax.scorers``."""
 
 from dpojax.feedback.labels import LabelSet, read_labels
 from dpojax.feedback.rounds import Round, read_round, write_round
-from dpojax.feedback.scorers import Scorer, make_scorer, score_images
 
-__all__ = ["LabelSet", "Round", "Scorer", "make_scorer", "read_labels", "read_round", "score_images",
-           "write_round"]
+__all__ = ["LabelSet", "Round", "read_labels", "read_round", "write_round"]

@@ -3,7 +3,7 @@
 AdamW (SD1.5) or Adafactor (SDXL), behind a global-norm clip, with ``constant_with_warmup``: the learning rate
 rises linearly from 0 over ``warmup_steps`` optimizer steps, then stays at its peak. As in PyTorch's
 ``LambdaLR``, the first update uses the schedule at count 0, i.e. lr 0 when there is a warmup.
-Gradient accumulation is the training step's business (``dpojax.train.step``); this module sees one averaged
+Gradient accumulation is the training step's business (``dpojax.train.dpo_step``); this module sees one averaged
 gradient per optimizer step.
 """
 

@@ -38,11 +38,6 @@ def from_torch_perm(path: tuple, ndim: int) -> tuple[int, ...] | None:
     return None if perm is None else tuple(int(i) for i in np.argsort(perm))
 
 
-def param_paths(module: nnx.Module) -> dict[str, tuple]:
-    """Map from PyTorch key to NNX path for every parameter of a module."""
-    return {torch_key(path): path for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-
-
 def to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
     """The module's parameters as a PyTorch-layout state dict of NumPy arrays."""
     out = {}

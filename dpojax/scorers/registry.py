@@ -1,55 +1,23 @@
-"""Preference sources behind one interface: ``scorer(images uint8 (N,H,W,3), prompts) -> float32 (N,) or (N,d)``.
+"""The scorer registry, the top of ``dpojax.scorers``: a spec (a built-in name, ``package.module:callable``, or
+several joined by ``,``) and its options -> a ``Scorer`` (``dpojax.scorers.base``).
 
-D3PO only compares rewards (Pareto dominance for vectors, ``dpojax.losses.pareto_preference``), so a scorer may
-return any scale. The built-ins are the reward proxies of DDPO/D3PO (``rewards.py`` there); users plug in their
-own by import path. ``score_images`` is the one place that turns a misbehaving scorer into a one-line error.
+The built-ins are the reward proxies of DDPO/D3PO (``dpojax.scorers.proxies``) and the model-based scorers
+(aesthetic, PickScore and CLIP score, HPS, ImageReward), each imported only when built (jax and transformers load
+then); users plug in their own by import path. This module also maps the config's ``scorers`` section and the
+``--scorers`` / ``--scorer-option`` arguments to specs and options. No scorer imports it.
 """
 
 from __future__ import annotations
 
 import importlib
-import io
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from dpojax.config import ConfigError
-
-ScoreFn = Callable[[np.ndarray, Sequence[str]], Any]
-
-
-@dataclass(frozen=True)
-class Scorer:
-    """A named scoring function; the name is what error messages and logs call it."""
-
-    name: str
-    fn: ScoreFn
-
-    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> Any:
-        return self.fn(images, prompts)
-
-
-def jpeg_kilobytes(images: np.ndarray, prompts: Sequence[str] = ()) -> np.ndarray:
-    """Size of each image as a quality-95 JPEG in kB (bytes / 1000), as DDPO's jpeg_(in)compressibility."""
-    sizes = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-        sizes.append(buffer.tell() / 1000)
-    return np.asarray(sizes, np.float32)
-
-
-def jpeg_compressibility(images: np.ndarray, prompts: Sequence[str] = ()) -> np.ndarray:
-    """Smaller JPEG files are better."""
-    return -jpeg_kilobytes(images, prompts)
-
-
-def brightness(images: np.ndarray, prompts: Sequence[str] = ()) -> np.ndarray:
-    """Mean pixel value in [0, 1] (D3PO's light_reward, which averages the decoded [0, 1] image)."""
-    return images.reshape(len(images), -1).mean(axis=1, dtype=np.float64).astype(np.float32) / 255.0
+from dpojax.scorers.base import ScoreFn, Scorer, one_line, score_images
+from dpojax.scorers.proxies import brightness, jpeg_compressibility, jpeg_kilobytes
 
 
 def _aesthetic(clip_model: str | None = None, head: str | None = None, batch_size: int = 16,
@@ -57,7 +25,7 @@ def _aesthetic(clip_model: str | None = None, head: str | None = None, batch_siz
     if clip_model is None or head is None:
         raise ValueError("scorer 'aesthetic' needs clip_model=<local CLIP ViT-L/14 folder> and "
                          "head=<local LAION aesthetic predictor weights (.safetensors or .pth)>")
-    from dpojax.feedback.aesthetic import AestheticScorer
+    from dpojax.scorers.aesthetic import AestheticScorer
 
     return AestheticScorer.from_files(clip_model, head, batch_size=batch_size, mesh=mesh)
 
@@ -65,7 +33,7 @@ def _aesthetic(clip_model: str | None = None, head: str | None = None, batch_siz
 def _clip_similarity(name: str) -> Callable[..., ScoreFn]:
     """The factory of a CLIP-similarity reward, imported when it is built (jax and transformers load then)."""
     def factory(**options: Any) -> ScoreFn:
-        from dpojax.feedback.clip_scorers import FACTORIES
+        from dpojax.scorers.clip_scorers import FACTORIES
 
         return FACTORIES[name](**options)
 
@@ -73,13 +41,13 @@ def _clip_similarity(name: str) -> Callable[..., ScoreFn]:
 
 
 def _imagereward(**options: Any) -> ScoreFn:
-    from dpojax.feedback.imagereward import imagereward
+    from dpojax.scorers.imagereward import imagereward
 
     return imagereward(**options)
 
 
 def _hps(**options: Any) -> ScoreFn:
-    from dpojax.feedback.hps import hps
+    from dpojax.scorers.hps import hps
 
     return hps(**options)
 
@@ -209,7 +177,7 @@ def _import_scorer(path: str, options: dict[str, Any]) -> ScoreFn:
         fn = target(**options)
     except Exception as err:  # the user's factory: report, never crash with its traceback alone
         raise ValueError(f"scorer {path!r}: building it with options {sorted(options)} failed: "
-                         f"{type(err).__name__}: {_one_line(err)}") from err
+                         f"{type(err).__name__}: {one_line(err)}") from err
     if not callable(fn):
         raise ValueError(f"scorer {path!r}: called with options it must return a scoring function, "
                          f"got {type(fn).__name__}")
@@ -222,53 +190,3 @@ def _stacked(scorers: list[Scorer]) -> ScoreFn:
         return np.concatenate([c.reshape(len(images), -1) for c in columns], axis=1)
 
     return score
-
-
-def fixed_size_batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """Consecutive ``size``-row batches of every array, the last padded with copies of its last row, so a jitted
-    scorer compiles one shape: (batch, how many of its rows are real)."""
-    total = len(next(iter(arrays.values())))
-    for start in range(0, total, size):
-        rows = {k: v[start:start + size] for k, v in arrays.items()}
-        count = min(size, total - start)
-        yield {k: np.concatenate([v, np.repeat(v[-1:], size - count, axis=0)]) for k, v in rows.items()}, count
-
-
-def score_images(scorer: Scorer | ScoreFn, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-    """Call ``scorer`` and check its answer: float32 (N,) or (N, d), finite; else one ValueError naming it."""
-    name = getattr(scorer, "name", None) or getattr(scorer, "__qualname__", None) or repr(scorer)
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"scorer {name!r}: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    if len(prompts) != len(images):
-        raise ValueError(f"scorer {name!r}: {len(images)} images but {len(prompts)} prompts")
-    try:
-        scores = scorer(images, list(prompts))
-    except Exception as err:  # any failure inside the user's code becomes one line naming the scorer
-        raise ValueError(f"scorer {name!r} failed on {len(images)} images: "
-                         f"{type(err).__name__}: {_one_line(err)}") from err
-    try:
-        scores = np.asarray(scores, dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"scorer {name!r} returned {type(scores).__name__}, not numbers: {_one_line(err)}") from None
-    if scores.ndim not in (1, 2) or scores.shape[0] != len(images) or scores.size == 0:
-        raise ValueError(f"scorer {name!r} returned shape {scores.shape} for {len(images)} images "
-                         f"(expected ({len(images)},) or ({len(images)}, d))")
-    if not np.all(np.isfinite(scores)):
-        bad = np.argwhere(~np.isfinite(scores.reshape(len(images), -1)).all(axis=1)).ravel()
-        raise ValueError(f"scorer {name!r} returned NaN or infinite scores for images {bad[:10].tolist()}")
-    return scores
-
-
-def score_per_image(scorer: Scorer, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-    """``score_images`` for callers that rank images by one number each: float32 (N,); a vector reward is a
-    one-line error (its parts give no single order)."""
-    scores = score_images(scorer, images, prompts)
-    if scores.ndim == 2 and scores.shape[1] != 1:
-        raise ValueError(f"scorer {scorer.name!r} returns {scores.shape[1]} numbers per image; this compares one "
-                         f"score per image (give vector parts as separate scorers)")
-    return scores.reshape(len(images))
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or "(no message)"

@@ -21,9 +21,9 @@ from jax.sharding import Mesh
 from transformers import CLIPTokenizer
 
 from dpojax.diffusers_folder import tokenize
-from dpojax.feedback.batched import BatchedScores
 from dpojax.models.clip import CLIPModel, load_clip, unit
 from dpojax.models.clip_vision import CLIP_MEAN, CLIP_STD, clip_preprocess
+from dpojax.scorers.batched import BatchedScores
 from dpojax.weights.folder import component_folder
 
 # uint8 images (N, H, W, 3) and the image tower's size -> its float32 input (N, size, size, 3).
@@ -57,7 +57,7 @@ def score_uint8(model: CLIPModel, input_ids: jax.Array, images: jax.Array, scale
 
 class CLIPScorer:
     """A Scorer: runs ``score_uint8`` under jit in fixed-size batches (one compilation per image size), with a
-    ``mesh`` split over its batch axes (``dpojax.feedback.batched.BatchedScores``).
+    ``mesh`` split over its batch axes (``dpojax.scorers.batched.BatchedScores``).
     """
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, scale: str = "pickscore", batch_size: int = 16,
@@ -145,7 +145,7 @@ def _clip_factory(scale: str) -> Callable[..., CLIPScorer]:
     return factory
 
 
-# name -> factory: the built-ins ``dpojax.feedback.scorers.BUILTIN`` names (with the options each takes).
+# name -> factory: the built-ins ``dpojax.scorers.registry.BUILTIN`` names (with the options each takes).
 FACTORIES: dict[str, Callable[..., CLIPScorer]] = {
     "pickscore": pickscore,
     "clip_score": _clip_factory("clip_score"),

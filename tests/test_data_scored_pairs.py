@@ -20,11 +20,13 @@ from helpers import decode_image, prepared_examples, shard_rows
 from PIL import Image
 
 from dpojax.cli import main
-from dpojax.data.feedback import RELABEL_COUNTS, relabel_pickapic
 from dpojax.data.pickapic import prepare_pickapic
 from dpojax.data.schema import PICKAPIC_SCHEMA, split_files
+from dpojax.data.scored_pairs import RELABEL_COUNTS, relabel_pickapic
 from dpojax.data.synth import write_synthetic_pickapic
-from dpojax.feedback.scorers import Scorer, brightness, make_scorer
+from dpojax.scorers.base import Scorer
+from dpojax.scorers.proxies import brightness
+from dpojax.scorers.registry import make_scorer
 
 ROWS, TIES, CORRUPT = 80, 8, 2
 PROMPTS = ["a cat", "a red barn", "a lighthouse at night"]

@@ -25,10 +25,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import BertTokenizer
 
-from dpojax.feedback.aesthetic import AestheticHead
-from dpojax.feedback.batched import BatchedScores
 from dpojax.models.blip import BertModel, VisionTransformer, bert_config
 from dpojax.models.clip_vision import clip_preprocess
+from dpojax.scorers.aesthetic import AestheticHead
+from dpojax.scorers.batched import BatchedScores
 from dpojax.weights import naming
 from dpojax.weights.torch_pickle import read_weights
 
@@ -198,7 +198,7 @@ def tokenize(tokenizer: BertTokenizer, prompts: Sequence[str]) -> tuple[np.ndarr
 
 class ImageRewardScorer:
     """A Scorer: ``score_uint8`` under jit in fixed-size batches, optionally split over a mesh
-    (``dpojax.feedback.batched.BatchedScores``)."""
+    (``dpojax.scorers.batched.BatchedScores``)."""
 
     def __init__(self, model: ImageRewardModel, tokenizer: BertTokenizer, batch_size: int = 16,
                  mesh: Mesh | None = None):

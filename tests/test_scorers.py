@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpojax.feedback.scorers import make_scorer, score_images
 from dpojax.losses import pareto_preference
+from dpojax.scorers.base import score_images
+from dpojax.scorers.registry import make_scorer
 
 
 def _images():

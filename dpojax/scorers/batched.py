@@ -3,7 +3,7 @@ optionally with the rows of each batch split over a mesh."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -11,7 +11,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpojax import parallel
-from dpojax.feedback.scorers import fixed_size_batches
 
 
 class BatchedScores:
@@ -27,7 +26,7 @@ class BatchedScores:
                  batch_size: int, mesh: Mesh | None, what: str):
         if int(batch_size) < 1:
             raise ValueError(f"{what}: batch_size must be >= 1, got {batch_size}")
-        shards = 1 if mesh is None else max(1, parallel.mesh_batch_devices(mesh) // jax.process_count())
+        shards = 1 if mesh is None else max(1, parallel.batch_devices(mesh) // jax.process_count())
         self.batch_size = -(-int(batch_size) // shards) * shards  # rounded up: every device gets equal rows
         self.mesh = mesh
         graph, state = nnx.split(model)
@@ -45,3 +44,13 @@ class BatchedScores:
                                              self.mesh)
             out.append(scores[:count])
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def fixed_size_batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Consecutive ``size``-row batches of every array, the last padded with copies of its last row, so a jitted
+    scorer compiles one shape: (batch, how many of its rows are real)."""
+    total = len(next(iter(arrays.values())))
+    for start in range(0, total, size):
+        rows = {k: v[start:start + size] for k, v in arrays.items()}
+        count = min(size, total - start)
+        yield {k: np.concatenate([v, np.repeat(v[-1:], size - count, axis=0)]) for k, v in rows.items()}, count

@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dpojax.feedback.batched import BatchedScores
 from dpojax.models import layers
 from dpojax.models.clip_vision import CLIPVisionModelWithProjection, clip_preprocess, load_clip_vision
+from dpojax.scorers.batched import BatchedScores
 from dpojax.weights import naming
 from dpojax.weights.torch_pickle import read_weights
 
@@ -64,7 +64,7 @@ def aesthetic_scores(clip: CLIPVisionModelWithProjection, head: AestheticHead, i
 
 class AestheticScorer:
     """A Scorer: runs ``aesthetic_scores`` under jit in fixed-size batches (one compilation per image size), with a
-    ``mesh`` split over its batch axes (``dpojax.feedback.batched.BatchedScores``)."""
+    ``mesh`` split over its batch axes (``dpojax.scorers.batched.BatchedScores``)."""
 
     def __init__(self, clip: CLIPVisionModelWithProjection, head: AestheticHead, batch_size: int = 16,
                  mesh: Mesh | None = None):

@@ -1,4 +1,5 @@
-"""Preference pairs from AI feedback: ``dpojax data relabel`` and ``dpojax data generate``.
+"""Preference pairs from AI feedback, decided by a scorer (``dpojax.scorers``): ``dpojax data relabel`` and
+``dpojax data generate``. (People's preferences, the labeled D3PO rounds, are ``dpojax.feedback``.)
 
 - ``relabel_pickapic``: Pick-a-Pic-schema shards in, the same shards out with each pair put winner-first by a
   scorer (the Diffusion-DPO paper's ``--choice_model``); pairs the scorer cannot separate are dropped.
@@ -30,8 +31,8 @@ from dpojax.data.schema import PICKAPIC_SCHEMA, check_columns, shard_folder, sha
 from dpojax.data.transforms import decode_rgb
 from dpojax.evaluate.images import Row, Sampling, sample_rows
 from dpojax.evaluate.run import check_model_folder
-from dpojax.feedback.scorers import Scorer, score_per_image
 from dpojax.pipeline import Pipeline
+from dpojax.scorers.base import Scorer, score_per_image
 from dpojax.weights.atomic import atomic_folder
 
 # read = kept + ties_dropped + unreadable; kept = agreeing + flipped + original_ties (pairs whose original label

@@ -14,9 +14,10 @@ from safetensors.numpy import load_file, save_file
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from dpojax.bench_torch_scorers import aesthetic_original
-from dpojax.feedback.aesthetic import AestheticScorer, load_head
-from dpojax.feedback.scorers import make_scorer, score_images
 from dpojax.models.clip_vision import CLIPVisionModelWithProjection, clip_preprocess, load_clip_vision
+from dpojax.scorers.aesthetic import AestheticScorer, load_head
+from dpojax.scorers.base import score_images
+from dpojax.scorers.registry import make_scorer
 from dpojax.weights import io, naming
 
 TEXT = dict(vocab_size=99, hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2,

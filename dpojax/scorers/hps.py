@@ -32,9 +32,9 @@ import numpy as np
 from jax.sharding import Mesh
 from transformers import CLIPTokenizer
 
-from dpojax.feedback.clip_scorers import CLIPScorer, load_tokenizer
 from dpojax.models.clip import CLIPModel
 from dpojax.models.clip_vision import CLIP_MEAN, CLIP_STD
+from dpojax.scorers.clip_scorers import CLIPScorer, load_tokenizer
 from dpojax.weights import io, naming
 from dpojax.weights.folder import component_folder
 from dpojax.weights.torch_pickle import read_weights

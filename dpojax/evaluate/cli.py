@@ -10,7 +10,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dpojax.evaluate.images import Sampling
     from dpojax.evaluate.prompts import read_prompts
     from dpojax.evaluate.run import evaluate
-    from dpojax.feedback.scorers import check_options_taken, parse_options, split_specs
+    from dpojax.scorers.registry import check_options_taken, parse_options, split_specs
 
     scorer_specs, options = split_specs(args.scorers), parse_options(args.scorer_option)
     check_options_taken(scorer_specs, options)

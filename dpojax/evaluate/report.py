@@ -16,7 +16,13 @@ def _fmt(value: float | None) -> str:
 
 
 def _interval(stats: Mapping) -> str:
+    if stats["low"] is None:  # one prompt: no spread to build an interval from
+        return f"{_fmt(stats['mean'])} (one prompt: no interval)"
     return f"{_fmt(stats['mean'])} [{_fmt(stats['low'])}, {_fmt(stats['high'])}]"
+
+
+def _counts(stats: Mapping) -> str:
+    return f"{stats['n_prompts']} prompt{'s' * (stats['n_prompts'] != 1)}, {stats['n_images']} images"
 
 
 def histogram_svg(series: Mapping[str, Sequence[float]], *, bins: int = 20, width: int = 480,
@@ -59,13 +65,17 @@ def render_report(results: Mapping) -> str:
     head = ["<th>scorer</th>", *(f"<th>{role} mean [95% CI]</th>" for role in roles)]
     if "reference" in roles:
         head += ["<th>win rate of model [95% CI]</th>", "<th>wins / losses / ties</th>"]
+    head.append("<th>interval methods</th>")
     table, sections = [], []
     for scorer, summary in results["scorers"].items():
         cells = [f"<td>{esc(scorer)}</td>", *(f"<td>{_interval(summary[role])}</td>" for role in roles)]
+        how = f"means: {esc(summary[roles[0]]['method'])} ({_counts(summary[roles[0]])})"
         if "win_rate" in summary:
             w = summary["win_rate"]
             cells += [f"<td>{_fmt(w['rate'])} [{_fmt(w['low'])}, {_fmt(w['high'])}]</td>",
                       f"<td>{w['wins']} / {w['losses']} / {w['ties']}</td>"]
+            how += f"<br>win rate: {esc(w['method'])} ({_counts(w)})"
+        cells.append(f"<td>{how}</td>")
         table.append(f"<tr>{''.join(cells)}</tr>")
         scores = {role: [row["scores"][scorer][role] for row in results["rows"]] for role in roles}
         sections.append(f"<h3>{esc(scorer)}</h3>{histogram_svg(scores)}")
@@ -80,7 +90,7 @@ def render_report(results: Mapping) -> str:
     methods, sampling = results["methods"], results["sampling"]
     size = f'{sampling["resolution"]} px' if sampling["resolution"] else "the model's image size"
     win_note = (f" Win rate of the model over the reference on paired images (same prompt and seed), a tie counting "
-                f"as half a win, with its 95% {esc(methods['win_rate'])} interval." if "reference" in roles else "")
+                f"as half a win, with its 95% interval: {esc(methods['win_rate'])}." if "reference" in roles else "")
     models = "".join(f"<li>{role}: <code>{esc(path)}</code></li>" for role, path in results["models"].items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dpojax eval</title>
@@ -94,9 +104,9 @@ img {{ width: 136px; height: 136px; image-rendering: pixelated; background: #eee
 </style></head><body>
 <h1>dpojax eval</h1>
 <ul>{models}</ul>
-<p>{len(results["rows"])} images per model ({results["seeds"]} seeds per prompt): DDIM, eta 0,
-{sampling["num_steps"]} steps, guidance {sampling["guidance"]}, {size}, batches of {sampling["batch_size"]}.
-Means with 95% {esc(methods["mean"])} intervals.{win_note}</p>
+<p>{len(results["rows"])} images per model ({results["n_prompts"]} prompts, {results["seeds"]} seeds per prompt): DDIM,
+eta 0, {sampling["num_steps"]} steps, guidance {sampling["guidance"]}, {size}, batches of {sampling["batch_size"]}.
+The unit of every interval is {esc(methods["unit"])}. Means with 95% intervals: {esc(methods["mean"])}.{win_note}</p>
 <h2>Summary</h2>
 <table><tr>{''.join(head)}</tr>{''.join(table)}</table>
 <h2>Score histograms</h2>

@@ -1,5 +1,6 @@
 """``dpojax eval MODEL [--against REF]``: sample both models on the same prompts and seeds, score the images, and
-report each model's mean score and the model's win rate over the reference, with 95% intervals.
+report each model's mean score and the model's win rate over the reference, with 95% intervals over prompts (the
+images of one prompt are correlated; ``dpojax/evaluate/stats.py``).
 
 Writes ``OUT/results.json`` (summary and one row per image pair) and ``OUT/report.html``, each atomically. The
 images are cached (``dpojax/evaluate/images.py``), so a rerun, or a run after a kill, samples only what is
@@ -20,9 +21,17 @@ from tqdm import tqdm
 from dpojax.diffusers_folder import read_pipeline_folder
 from dpojax.evaluate.images import ImageCache, Row, Sampling, sample_rows
 from dpojax.evaluate.report import render_report
-from dpojax.evaluate.stats import MEAN_INTERVAL, WIN_RATE_INTERVAL, mean_interval, win_rate
-from dpojax.feedback.scorers import Scorer, make_scorer, options_taken, score_per_image
+from dpojax.evaluate.stats import (
+    MEAN_INTERVAL,
+    WIN_RATE_INTERVAL,
+    WIN_RATE_PROMPT_FALLBACK,
+    WIN_RATE_PROMPT_INTERVAL,
+    mean_interval,
+    win_rate,
+)
 from dpojax.pipeline import Pipeline
+from dpojax.scorers.base import Scorer, score_per_image
+from dpojax.scorers.registry import make_scorer, options_taken
 from dpojax.weights.atomic import atomic_file
 
 
@@ -59,15 +68,35 @@ def score_all(scorer: Scorer, cache: ImageCache, rows: list[Row]) -> np.ndarray:
                            for i in range(0, len(rows), size)])
 
 
+def methods(seeds: int) -> dict:
+    """The ``methods`` entry of ``results.json``: how the intervals are made at ``seeds`` images per prompt (each
+    statistic also names the method it used)."""
+    win = (f"{WIN_RATE_INTERVAL} on the image pairs (one per prompt)" if seeds == 1 else
+           f"{WIN_RATE_PROMPT_INTERVAL} (each prompt's wins plus half its ties, over its {seeds} seeds), clipped to "
+           f"[0, 1]; {WIN_RATE_PROMPT_FALLBACK} with n = prompts where every prompt's fraction is equal or there "
+           f"is one prompt")
+    return {"unit": "the prompt: the images of one prompt are correlated, so each interval is over per-prompt values "
+                    "(n = prompts, df = prompts - 1)",
+            "mean": f"{MEAN_INTERVAL} (each prompt's mean over its {seeds} seed{'s' * (seeds > 1)}); none with one "
+                    f"prompt",
+            "win_rate": win, "ties": "a tie counts as half a win"}
+
+
+def scorer_summary(by_role: dict[str, np.ndarray], prompts: list[str]) -> dict:
+    """Each role's mean with its interval and, with a reference, the model's win rate, over the ``prompts`` (the
+    prompt of each score)."""
+    summary = {role: dataclasses.asdict(mean_interval(values, prompts=prompts)) for role, values in by_role.items()}
+    if "reference" in by_role:
+        summary["win_rate"] = dataclasses.asdict(win_rate(by_role["model"], by_role["reference"], prompts=prompts))
+    return summary
+
+
 def summarize(caches: dict[str, ImageCache], rows: list[Row], scorers: list[Scorer], out_dir: Path,
               seeds: int) -> dict:
     """The content of ``results.json``: settings, per-scorer statistics and per-row scores and winners."""
     scores = {s.name: {role: score_all(s, cache, rows) for role, cache in caches.items()} for s in scorers}
-    summary = {}
-    for name, by_role in scores.items():
-        summary[name] = {role: dataclasses.asdict(mean_interval(values)) for role, values in by_role.items()}
-        if "reference" in by_role:
-            summary[name]["win_rate"] = dataclasses.asdict(win_rate(by_role["model"], by_role["reference"]))
+    prompts = [row.prompt for row in rows]  # the unit; a prompt listed twice is one (its images are the same)
+    summary = {name: scorer_summary(by_role, prompts) for name, by_role in scores.items()}
     table = []
     for i, row in enumerate(rows):
         row_scores = {}
@@ -82,19 +111,26 @@ def summarize(caches: dict[str, ImageCache], rows: list[Row], scorers: list[Scor
                                  for role, cache in caches.items()}})
     return {"models": {role: str(cache.model) for role, cache in caches.items()},
             "sampling": dataclasses.asdict(next(iter(caches.values())).sampling), "seeds": seeds,
-            "methods": {"mean": MEAN_INTERVAL, "win_rate": WIN_RATE_INTERVAL, "ties": "a tie counts as half a win"},
+            "n_prompts": len(set(prompts)), "n_images": len(rows), "methods": methods(seeds),
             "scorers": summary, "rows": table}
+
+
+def interval_note(stats: dict, images: str = "images") -> str:
+    """How a statistic's interval was made, e.g. "95% CI: Student t over per-prompt means, 6 prompts, 48 images"."""
+    n = stats["n_prompts"]
+    return f"{stats['level']:.0%} CI: {stats['method']}, {n} prompt{'s' * (n != 1)}, {stats['n_images']} {images}"
 
 
 def describe(name: str, summary: dict) -> str:
     """One line per scorer for the terminal."""
-    parts = [f"{role} {s['mean']:.4g}" + (f" [{s['low']:.4g}, {s['high']:.4g}]" if s["low"] is not None else "")
-             for role, s in summary.items() if role != "win_rate"]
-    line = f"{name}: mean (95% Student t CI) " + ", ".join(parts)
+    means = {role: s for role, s in summary.items() if role != "win_rate"}
+    parts = [f"{role} {s['mean']:.4g}" + (f" [{s['low']:.4g}, {s['high']:.4g}]" if s["low"] is not None
+                                          else " (no interval from one prompt)") for role, s in means.items()]
+    line = f"{name}: mean ({interval_note(next(iter(means.values())))}) " + ", ".join(parts)
     if "win_rate" in summary:
         w = summary["win_rate"]
-        line += (f"; win rate of model {w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] (95% Wilson score; "
-                 f"{w['wins']} wins, {w['losses']} losses, {w['ties']} ties, each half a win)")
+        line += (f"; win rate of model {w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] ({interval_note(w, 'pairs')}; "
+                 f"{w['wins']} wins, {w['losses']} losses, {w['ties']} ties, each tie half a win)")
     return line
 
 

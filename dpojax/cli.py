@@ -32,7 +32,8 @@ def _demo(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> int:
     from dpojax.plan import plan_from_command_line
 
-    plan = plan_from_command_line(args.config, args.overrides, args.mesh, args.device_memory, args.arch_dir)
+    plan = plan_from_command_line(args.config, args.overrides, args.mesh, args.device_memory, args.arch_dir,
+                                  args.platform)
     print(plan.report())
     return 0 if plan.fits else 1
 
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.remat=none dpo.pairs_per_device=2")
     p.add_argument("--mesh", help="axis sizes, e.g. data=1,fsdp=8,tensor=1 (default: the config's mesh)")
     p.add_argument("--device-memory", type=float, default=16.0, help="GiB per device (default 16)")
+    p.add_argument("--platform", choices=("gpu", "tpu"), default="gpu",
+                   help="the accelerator whose program is planned: its attention kernel, its loops and "
+                        "collectives, not the CPU-only paths (default gpu)")
     p.add_argument("--arch-dir", help="pipeline folder with the architecture configs (default: model.pretrained "
                                       "if it exists, else the one of model.arch shipped in dpojax/arch)")
     p.set_defaults(run=_plan)

@@ -148,16 +148,17 @@ def _load(cls, folder: Path, subfolder: str | None, mesh, *, read: bool, dtype, 
     return graph, shape_only(state, mesh), module
 
 
-def _with_attention_kernel(components: Components, params, frozen: dict, kernel: str, mesh) -> Components:
+def _with_attention_kernel(components: Components, params, frozen: dict, kernel: str, mesh,
+                           platform: str) -> Components:
     """``components`` whose UNet and VAE graphs use attention ``kernel`` (``model.attention``; see
-    attention_kernels); "auto" is what the models are built with, so they are returned as they are."""
+    attention_kernels) as resolved for ``platform``, over ``mesh``: "auto" is configured exactly as the kernel
+    it resolves to."""
     from dpojax.models.attention import configure_attention
 
-    if kernel == "auto":
-        return components
-
     def configured(graph, tree):
-        return None if graph is None else split_params(configure_attention(nnx.merge(graph, tree), kernel, mesh))[0]
+        if graph is None:
+            return None
+        return split_params(configure_attention(nnx.merge(graph, tree), kernel, mesh, platform))[0]
 
     policy = None if components.unet is None else policy_unet_params(components, params, frozen)
     return dataclasses.replace(components, unet=configured(components.unet, policy),
@@ -166,8 +167,9 @@ def _with_attention_kernel(components: Components, params, frozen: dict, kernel:
 
 
 def load_components(config: Config, mesh: jax.sharding.Mesh, *, weights: Weights = "all", unets: bool = True,
-                    folder: str | Path | None = None) -> tuple[Components, Any, dict]:
+                    folder: str | Path | None = None, platform: str | None = None) -> tuple[Components, Any, dict]:
     """The models of ``model.pretrained`` (or ``folder``) on ``mesh``: (components, policy params, frozen).
+    ``platform``: the one the programs are built for (default: the mesh's; ``dpojax plan`` names an accelerator).
 
     ``frozen`` holds "vae", "text_encoder", ("text_encoder_2",) and, when the objective compares with a
     reference (or the run is LoRA, whose base is the reference), "reference". ``weights``: "all" reads every
@@ -219,4 +221,5 @@ def load_components(config: Config, mesh: jax.sharding.Mesh, *, weights: Weights
         latent_channels=vae.config["latent_channels"],
         vae_scale_factor=2 ** (len(vae.config["block_out_channels"]) - 1), compute_dtype=compute,
         unet_config=unet_config, lora=spec)
-    return _with_attention_kernel(components, params, frozen, model.attention, mesh), params, frozen
+    platform = platform or mesh.devices.flat[0].platform
+    return _with_attention_kernel(components, params, frozen, model.attention, mesh, platform), params, frozen

@@ -62,7 +62,9 @@ class ModelConfig:
                 "otherwise. dpojax plan uses the shipped sd15/sdxl architecture when model.pretrained is absent")
     vae: str | None = _field(None, "a replacement VAE folder, e.g. SDXL's fp16-fix VAE")
     dtype: Literal["float32", "bfloat16", "float16"] = _field("bfloat16", "compute dtype of the models")
-    param_dtype: Literal["float32", "bfloat16"] = _field("float32", "the trained (policy) weights' dtype")
+    param_dtype: Literal["float32", "bfloat16"] = _field(
+        "float32", "the trained (policy) weights' dtype; bfloat16 is refused: no optimizer here keeps fp32 master "
+                   "weights, and lr-sized updates fall below bfloat16's resolution (set dtype bfloat16 instead)")
     reference_dtype: Literal["float32", "bfloat16", "float16"] = _field(
         "bfloat16", "dtype of the frozen weights: the reference UNet, VAE and text encoders")
     remat: Literal["none", "block", "full", "dots_saveable"] = _field(
@@ -302,6 +304,12 @@ class Config:
     scorers: ScorersConfig = ScorersConfig()
 
     def __post_init__(self):
+        if self.model.param_dtype != "float32":  # neither optimizer keeps an fp32 master copy of the weights
+            raise ConfigError(
+                f"config: model.param_dtype={self.model.param_dtype} with optim.name={self.optim.name} would stall "
+                f"training: updates of about the learning rate fall below {self.model.param_dtype}'s resolution "
+                f"(8 bits of mantissa) and round away, and the optimizer keeps no fp32 master weights; keep "
+                f"param_dtype float32 and set model.dtype=bfloat16 to compute in bfloat16")
         if self.train.eval_every and not self.train.eval_scorer:
             raise ConfigError("config: train.eval_every needs train.eval_scorer (e.g. pickscore, with "
                               "scorers.pickscore_model)")

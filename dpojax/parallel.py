@@ -66,15 +66,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequen
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def mesh_batch_devices(mesh: Mesh) -> int:
-    """Devices along the batch axes (data x fsdp) of a built mesh: batch sizes per device are multiplied by it."""
+def batch_devices(mesh: Mesh) -> int:
+    """Devices along the batch axes (``BATCH_AXES``: data x fsdp) of a built mesh: batch sizes per device are
+    multiplied by it."""
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
-
-
-def batch_device_count(mesh_config) -> int:
-    """Devices along the batch axes (data x fsdp) of the config's ``mesh`` over all devices, unbuilt."""
-    sizes = mesh_sizes(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(jax.devices()))
-    return math.prod(sizes[axis] for axis in BATCH_AXES)
 
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
@@ -163,16 +158,17 @@ def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
 
 # --- per-device gradients --------------------------------------------------------------------------------------
 
-def per_device_gradients(mesh: Mesh, replicated_shardings) -> bool:
-    """Whether :func:`data_parallel` should run its function per device on ``mesh``: a CPU mesh with more than
-    one batch device, and parameters and frozen weights (their ``replicated_shardings``) all replicated.
+def per_device_gradients(platform: str, mesh: Mesh, replicated_shardings) -> bool:
+    """Whether :func:`data_parallel` should run its function per device on ``mesh``: a program for the CPU
+    (``platform``), more than one batch device, and parameters and frozen weights (their
+    ``replicated_shardings``) all replicated.
 
     Under jit's automatic partitioning the gradient of each parameter is a partial sum per device, reduced by
     one combined all-reduce whose operands XLA:CPU takes one at a time, each a rendezvous of every device's
     thread (docs/performance.md). On GPU and TPU the combined all-reduces overlap with the backward pass, and
     sharded weights (FSDP, tensor parallel) need their own reductions, so those keep automatic partitioning.
     """
-    return (mesh.devices.flat[0].platform == "cpu" and mesh_batch_devices(mesh) > 1
+    return (platform == "cpu" and batch_devices(mesh) > 1
             and all(s.is_fully_replicated for s in jax.tree.leaves(replicated_shardings)))
 
 

@@ -99,6 +99,7 @@ class Plan:
     """Per-device bytes of one compiled optimizer step, and its FLOPs."""
 
     objective: str
+    platform: str  # the accelerator whose program is planned (gpu, tpu)
     mesh: dict[str, int]
     pairs_per_device: int
     remat: str
@@ -148,35 +149,40 @@ class Plan:
                 ("outputs not aliased to inputs", self.outputs - self.aliased),
                 ("temporaries (XLA)", self.temporaries), ("peak", self.peak)]
         lines = [f"{self.objective} step, mesh {mesh} ({devices} devices), {self.pairs_per_device} pair(s) per device, "
-                 f"remat {self.remat}, attention {self.attention}; compiled in {self.compile_seconds:.0f} s"]
+                 f"remat {self.remat}, attention {self.attention}, the program of {self.platform}; compiled in "
+                 f"{self.compile_seconds:.0f} s"]
         lines.append("per device:")
         lines += [f"  {name:<30} {value / GIB:9.3f} GiB" for name, value in rows]
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict} in {self.device_memory / GIB:g} GiB per device "
                      f"({100 * self.peak / self.device_memory:.0f}% used)")
-        lines.append(f"FLOPs per optimizer micro-step: {self.flops_per_device / 1e12:.2f} TFLOP per device, "
-                     f"{self.flops_per_device * devices / 1e12:.2f} TFLOP in all")
+        lines.append(f"FLOPs per optimizer micro-step: {self.flops_per_device / 1e12:.3g} TFLOP per device, "
+                     f"{self.flops_per_device * devices / 1e12:.3g} TFLOP in all")
         lines.append("note: temporaries are XLA:CPU's (memory-optimized scheduler); GPU and TPU compilers fuse and "
                      "schedule differently, so leave headroom")
         return "\n".join(lines)
 
 
-PLAN_KERNEL = {"auto": "blocked", "cudnn": "blocked", "splash": "blocked"}  # fused kernels hold no score matrix
+PLATFORMS = ("gpu", "tpu")  # what a plan is for; its programs take their paths (not the CPU-only ones)
+FUSED_KERNELS = ("cudnn", "splash")  # they hold no score matrix; on CPU, blocked stands in for them
 
 
 def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib: float,
-                  arch_dir: str | Path | None = None) -> Plan:
-    """Compile ``config``'s training step for ``mesh_sizes`` on fake CPU devices and measure it.
+                  arch_dir: str | Path | None = None, platform: str = "gpu") -> Plan:
+    """Compile ``config``'s training step for ``mesh_sizes`` of ``platform`` devices, on fake CPU devices, and
+    measure it.
 
     The compile runs in a fresh process (``dpojax.plan_worker``): XLA's flags and the number of CPU devices
     can only be set before JAX starts, and the worker stops XLA:CPU after its buffer assignment, long before the
     whole compile would end (docs/planner.md).
     """
+    if platform not in PLATFORMS:
+        raise ValueError(f"plan: --platform {platform!r} is not one of {', '.join(PLATFORMS)}")
     folder = architecture_folder(config, arch_dir)
     with tempfile.TemporaryDirectory(prefix="dpojax-plan-") as tmp:
         workdir = Path(tmp)
         (workdir / "request.pkl").write_bytes(pickle.dumps(
-            (config, mesh_sizes, str(folder), int(device_memory_gib * GIB))))
+            (config, mesh_sizes, str(folder), int(device_memory_gib * GIB), platform)))
         log = workdir / "worker.log"
         with log.open("w") as out:
             worker = subprocess.Popen([sys.executable, "-m", "dpojax.plan_worker", tmp], stdout=out,
@@ -199,15 +205,17 @@ def plan_training(config: Config, mesh_sizes: dict[str, int], device_memory_gib:
     return Plan(**result["plan"])
 
 
-def abstract_step(config: Config, mesh, folder: Path):
-    """The objective's update program on shape-only models of ``folder`` (the trainer's own setup and program),
-    and the config as planned (architecture folder, attention kernel)."""
+def abstract_step(config: Config, mesh, folder: Path, platform: str = "gpu"):
+    """The objective's update program for ``platform`` on shape-only models of ``folder`` (the trainer's own
+    setup and program), and the config as planned (architecture folder, attention kernel)."""
+    from dpojax.models.attention_kernels import resolve
     from dpojax.train.harness import Setup, objective_module
 
-    kernel = PLAN_KERNEL.get(config.model.attention, config.model.attention)
+    kernel = resolve(config.model.attention, platform)
+    kernel = "blocked" if kernel in FUSED_KERNELS else kernel
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=str(folder),
                                                                    attention=kernel))
-    setup = Setup.build(config, weights="none", mesh=mesh)
+    setup = Setup.build(config, weights="none", mesh=mesh, platform=platform)
     return setup, objective_module(config).update_program(setup), config
 
 
@@ -230,7 +238,7 @@ def held_bytes(setup, program) -> dict[str, int]:
 
 
 def plan_from_command_line(config_path: str, overrides, mesh: str | None, device_memory_gib: float,
-                           arch_dir: str | None = None) -> Plan:
+                           arch_dir: str | None = None, platform: str = "gpu") -> Plan:
     """``dpojax plan``: the mesh from ``--mesh`` (else the config's, which must then have no -1 axis)."""
     from dpojax.config import load_config
 
@@ -244,4 +252,4 @@ def plan_from_command_line(config_path: str, overrides, mesh: str | None, device
                              f"e.g. --mesh data=1,fsdp=8,tensor=1")
     else:
         sizes = parse_mesh(mesh)
-    return plan_training(config, sizes, device_memory_gib, arch_dir)
+    return plan_training(config, sizes, device_memory_gib, arch_dir, platform)

@@ -9,8 +9,8 @@ without waiting for the rest. They are the numbers ``Compiled.memory_analysis()`
 (``tests/test_plan.py`` checks they are equal).
 
 Run by ``dpojax.plan.plan_training`` as ``python -m dpojax.plan_worker WORKDIR``: ``WORKDIR/request.pkl``
-holds (config, mesh sizes, architecture folder, device memory in bytes); the result, the ``Plan``'s fields
-or an error, goes to ``WORKDIR/result.json``.
+holds (config, mesh sizes, architecture folder, device memory in bytes, platform); the result, the
+``Plan``'s fields or an error, goes to ``WORKDIR/result.json``.
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def compile_until_buffer_assignment(lowered, directory: Path, poll_seconds: floa
             raise RuntimeError(f"XLA wrote no buffer assignment of {STEP_MODULE} to {directory}")
 
 
-def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int, workdir: Path):
-    """The plan of ``config``'s step on a mesh of fake CPU devices (this process must not have started JAX)."""
+def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int, platform: str, workdir: Path):
+    """The plan of ``config``'s step for ``platform`` on a mesh of fake CPU devices (this process must not have
+    started JAX)."""
     import jax
 
     from dpojax import parallel
@@ -104,12 +105,13 @@ def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int
     # A persistent-cache hit (JAX_COMPILATION_CACHE_DIR set) would skip the compile, and with it the dump read here.
     jax.config.update("jax_enable_compilation_cache", False)
     mesh = parallel.make_mesh(**mesh_sizes, devices=jax.devices("cpu")[:count])
-    setup, program, config = abstract_step(config, mesh, folder)
+    setup, program, config = abstract_step(config, mesh, folder, platform)
     start = time.perf_counter()
     lowered = program.lower()
     flops = float(lowered.cost_analysis().get("flops", 0.0))  # the whole step, before partitioning
     memory = compile_until_buffer_assignment(lowered, workdir / "xla")
-    return Plan(objective=config.objective, mesh=dict(mesh.shape), pairs_per_device=micro_pairs_per_device(config),
+    return Plan(objective=config.objective, platform=platform, mesh=dict(mesh.shape),
+                pairs_per_device=micro_pairs_per_device(config),
                 remat=config.model.remat, attention=config.model.attention, **held_bytes(setup, program), **memory,
                 flops_per_device=flops / count, device_memory=device_memory,
                 compile_seconds=time.perf_counter() - start)
@@ -118,9 +120,10 @@ def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int
 def main(workdir: Path) -> None:
     """Write the plan (or the error) to ``result.json``, then exit at once: the compile thread may still be
     building XLA's run-time graph, which nobody needs."""
-    config, mesh_sizes, folder, device_memory = pickle.loads((workdir / "request.pkl").read_bytes())
+    config, mesh_sizes, folder, device_memory, platform = pickle.loads((workdir / "request.pkl").read_bytes())
     try:
-        result = {"plan": dataclasses.asdict(measure(config, mesh_sizes, Path(folder), device_memory, workdir))}
+        result = {"plan": dataclasses.asdict(measure(config, mesh_sizes, Path(folder), device_memory, platform,
+                                                     workdir))}
     except Exception as err:  # noqa: BLE001 -- reported by the parent process
         traceback.print_exc()  # into the worker's log, which the parent shows for errors that are not the user's
         result = {"error": f"{err}", "type": type(err).__name__,

@@ -182,14 +182,18 @@ def cli_env(workdir: Path, devices: int = 1) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 
 
-def dpojax_command(*args) -> list[str]:
+def dpojax_command(*args, fault: str | None = None) -> list[str]:
+    """``dpojax ARGS``, with ``fault`` injected in its process (``tests/fault_injection.py``)."""
+    if fault is not None:
+        return [sys.executable, str(REPO / "tests" / "fault_injection.py"), fault, *map(str, args)]
     return [sys.executable, "-m", "dpojax.cli", *map(str, args)]
 
 
-def run_dpojax(workdir: Path, *args, devices: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``dpojax ARGS`` in ``workdir`` to its end, capturing its output."""
-    return subprocess.run(dpojax_command(*args), env=cli_env(workdir, devices), cwd=workdir, capture_output=True,
-                          text=True, timeout=timeout)
+def run_dpojax(workdir: Path, *args, devices: int = 1, timeout: float = 600,
+               fault: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``dpojax ARGS`` in ``workdir`` to its end, capturing its output (``fault``: see ``dpojax_command``)."""
+    return subprocess.run(dpojax_command(*args, fault=fault), env=cli_env(workdir, devices), cwd=workdir,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def torch_unet_flops(unet: torch.nn.Module, latent: int) -> int:

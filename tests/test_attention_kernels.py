@@ -144,3 +144,70 @@ def test_unknown_kernel_is_refused_by_name(tmp_path):
         kernels.resolve("flash", "cpu")
     with pytest.raises(ConfigError, match="model.attention must be one of"):
         load_config(None, ["model.attention=flash"])
+
+
+@pytest.mark.parametrize("kernel", ["xla", "blocked"])
+def test_the_softmax_scale_is_applied_in_fp32(kernel):
+    """bf16 queries and keys (SD1.5's head size 40), fp32 values so that the output shows the scores' error: the
+    scores are the exact bf16 products scaled in fp32, so the output is the float64 definition's to fp32
+    rounding. A scale rounded to bf16 is 0.057% too large and moves this output by about 1e-3."""
+    q, k, v = qkv(2, 64, 64, heads=2, head_dim=40, seed=3)
+    q, k = (jnp.asarray(t * 3, jnp.bfloat16) for t in (q, k))  # logits of a few units: the softmax is sensitive
+    fn = {"xla": kernels.xla_attention, "blocked": lambda q, k, v: kernels.blocked_attention(q, k, v, block=16)}
+    out = jax.jit(fn[kernel])(q, k, v)
+    assert out.dtype == jnp.float32
+    assert rel_err(out, reference_attention(np.asarray(q, np.float32), np.asarray(k, np.float32), v)) < 1e-5
+
+
+def test_splash_takes_queries_scaled_in_fp32_and_rounded_once():
+    """Splash does not scale: its queries are multiplied by 1/sqrt(40) in fp32 and rounded once to bf16, which
+    is unbiased; a bf16 product uses the bf16-rounded scale, 0.057% too large on average."""
+    q = jnp.asarray(np.random.default_rng(4).standard_normal((4, 128, 2, 40)), jnp.bfloat16)
+    ratio = np.asarray(kernels.prescaled_query(q), np.float64) / np.asarray(q, np.float64)
+    assert abs(ratio.mean() * math.sqrt(40) - 1) < 1e-4
+
+
+def test_a_refused_call_runs_blocked_only_when_its_score_matrix_is_large():
+    """The fallback decides by the size of the score matrix: 4096 queries against 77 text tokens (SDXL's
+    cross-attention at 1024 px) are one xla call, 1024 x 1024 and more run blocked."""
+    kernels.CHOSEN.clear()
+    q, k, v = qkv(1, 4096, 77, heads=1, head_dim=8)
+    out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, kernel="cudnn"))(q, k, v)  # CPU: cuDNN refuses
+    assert rel_err(out, reference_attention(q, k, v)) < 1e-5
+    assert list(kernels.CHOSEN) == [("cudnn", "xla")]
+    q, k, v = qkv(1, 2048, 512, heads=1, head_dim=8)
+    jax.jit(lambda q, k, v: kernels.attention(q, k, v, kernel="cudnn"))(q, k, v)
+    assert ("cudnn", "blocked") in kernels.CHOSEN
+
+
+def _attention_modules(graph, tree) -> list[Attention]:
+    return [m for _, m in nnx.iter_modules(nnx.merge(graph, tree)) if isinstance(m, Attention)]
+
+
+@pytest.mark.parametrize("platform, kernel", [("tpu", "splash"), ("gpu", "cudnn")])
+def test_auto_is_configured_exactly_as_the_kernel_it_resolves_to(tiny_sdxl, monkeypatch, platform, kernel):
+    """model.attention=auto, built for a TPU or a GPU: every Attention of the policy, the reference and the VAE
+    holds the resolved kernel and the mesh. On TPU the lowered training step runs splash per device inside
+    shard_map (here the Pallas kernel in interpreter mode, so that it lowers on CPU): the only shard_map of a
+    TPU program, whose gradients are partitioned by XLA."""
+    from dpojax.train.dpo import update_program
+    from dpojax.train.harness import Setup
+
+    config = load_config("configs/tiny_sdxl_dpo.yaml", [f"model.pretrained={tiny_sdxl}", "model.attention=auto",
+                                                       "mesh.data=1", "mesh.fsdp=-1", "data.resolution=64",
+                                                       "dpo.pairs_per_device=1"])
+    setup = Setup.build(config, weights="none", platform=platform)
+    components, frozen = setup.components, setup.frozen
+    modules = [*_attention_modules(components.unet, setup.params),
+               *_attention_modules(components.reference, frozen["reference"]),
+               *_attention_modules(components.vae, frozen["vae"])]
+    assert len(modules) == 2 * 16 + 2  # self- and cross-attention of 8 blocks, twice; the VAE's two
+    assert {(m.kernel, m.mesh, m.platform) for m in modules} == {(kernel, setup.mesh, platform)}
+    if platform != "tpu":
+        return
+    make_kernel = kernels._splash_kernel
+    monkeypatch.setattr(kernels, "_splash_kernel", lambda *a: make_kernel(*a[:3], True))
+    kernels.CHOSEN.clear()
+    text = update_program(setup).lower().as_text()
+    assert ("auto", "splash") not in kernels.CHOSEN and any(used == "splash" for _, used in kernels.CHOSEN)
+    assert "sdy.manual_computation" in text or "SPMDFullToShardShape" in text

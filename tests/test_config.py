@@ -192,3 +192,13 @@ def _all_keys():
     from dpojax.config import _all_keys as keys
 
     return keys()
+
+
+def test_bf16_policy_weights_are_refused_with_the_reason():
+    """No optimizer keeps fp32 master weights, so bf16 weights would round lr-sized updates away."""
+    for optimizer in ("adamw", "adafactor"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, ["model.param_dtype=bfloat16", f"optim.name={optimizer}"])
+        message = str(err.value)
+        assert f"model.param_dtype=bfloat16 with optim.name={optimizer} would stall training" in message
+        assert "master weights" in message and "model.dtype=bfloat16" in message and "\n" not in message

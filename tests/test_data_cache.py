@@ -13,7 +13,7 @@ from dpojax.components import load_components
 from dpojax.config import ConfigError, DataConfig, load_config
 from dpojax.data.cache import make_cached_loader
 from dpojax.data.pipeline import make_pair_loader, open_pairs
-from dpojax.train.step import host_batch, micro_batch_inputs
+from dpojax.train.dpo_step import host_batch, micro_batch_inputs
 
 CONFIG = "configs/tiny_sdxl_dpo.yaml"
 PAIRS = 4
@@ -27,7 +27,8 @@ def workdir(tmp_path_factory, tiny_sdxl):
 
 def settings(workdir, **extra) -> list[str]:
     values = {"model.pretrained": workdir / "tiny-sdxl", "data.data_dir": workdir / "pairs", "data.flip": "none",
-              "data.random_crop": False, "dpo.pairs_per_device": 1, "mesh.fsdp": -1, **extra}
+              "data.random_crop": False, "dpo.pairs_per_device": 1, "mesh.data": 1, "mesh.fsdp": -1,
+              **extra}
     return [f"{k}={v}" for k, v in values.items()]
 
 

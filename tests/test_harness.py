@@ -1,13 +1,18 @@
 """The run harness's pieces: the cadence rule, the loader's three weight modes, and the stop agreement."""
 
+import json
 import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from dpojax.config import load_config
+from dpojax.train.checkpoint import Checkpointer
 from dpojax.train.harness import Setup, StopRequest, itstime
+from dpojax.train.metrics import clock, progress_line
+from dpojax.train.state import TrainState
 
 CONFIG = "configs/tiny_sdxl_dpo.yaml"
 
@@ -42,3 +47,52 @@ def test_the_stop_request_turns_a_signal_into_a_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.agreed() and stop.signal_name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is not stop._handle  # the previous handler is back
+
+
+def _state(step: int) -> TrainState:
+    return TrainState(jnp.int32(step), {"w": jnp.full(3, float(step))}, {}, jnp.zeros(2, jnp.uint32))
+
+
+def test_the_best_is_named_once_its_checkpoint_is_committed_and_never_a_nan(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=1)
+    best = lambda: json.loads((tmp_path / "best.json").read_text())  # noqa: E731
+    try:
+        for step, score in ((1, 5.0), (2, float("nan")), (3, 4.0), (4, 6.0)):
+            checkpointer.record_score(step, score)
+            if step == 4:
+                assert best() == {"step": 1, "score": 5.0}  # 4 is better, but not saved yet
+            checkpointer.save(_state(step), {})
+        checkpointer.wait()
+        assert best() == {"step": 4, "score": 6.0} and checkpointer.best_step() == 4
+        checkpointer.record_score(5, float("nan"))
+        checkpointer.save(_state(5), {})
+        checkpointer.wait()
+        assert checkpointer.best_step() == 4  # a NaN is never the best, nor beats it
+        assert sorted(checkpointer.manager.all_steps()) == [4, 5]  # the latest, and the best beyond keep=1
+    finally:
+        checkpointer.close()
+
+
+def test_progress_lines_end_with_the_elapsed_time_and_the_estimate_of_the_rest():
+    assert clock(3725.4) == "1:02:05" and clock(30 * 3600) == "30:00:00" and clock(0) == "0:00:00"
+    line = progress_line(3, 10, {"loss": 0.5}, 2.0, elapsed=65.0, remaining=7 * 65.0 / 3)
+    assert line == "step 3/10 | loss 0.5000 | 2.00 pairs/s | elapsed 0:01:05, ETA 0:02:32"
+
+
+def test_a_signal_handled_during_the_agreement_is_taken_up_at_the_next(monkeypatch):
+    """The decision is the gathered flags alone: a SIGTERM handled while they are gathered does not change this
+    agreement's answer (the other hosts gathered False too), only the next one's."""
+    from dpojax.train import harness
+
+    gather = harness.any_process
+
+    def signalled_mid_gather(flag):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return gather(flag)
+
+    stop = StopRequest()
+    with stop.installed():
+        monkeypatch.setattr(harness, "any_process", signalled_mid_gather)
+        assert not stop.agreed() and stop.signal_name == "SIGTERM" and stop.stopped_by is None
+        monkeypatch.setattr(harness, "any_process", gather)
+        assert stop.agreed() and stop.stopped_by == "SIGTERM"

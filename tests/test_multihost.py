@@ -26,7 +26,7 @@ from dpojax import distributed
 from dpojax.config import DataConfig
 from dpojax.data.pipeline import make_pair_loader
 from dpojax.feedback.rounds import read_round
-from dpojax.feedback.scorers import brightness
+from dpojax.scorers.proxies import brightness
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny_sdxl_dpo.yaml"
 XDIST_SPLIT = True  # each end-to-end test makes its own runs, so the tests may go to different workers (conftest)
@@ -88,27 +88,35 @@ def test_detect_rejects_incomplete_settings_in_one_line(kwargs, env, message):
 
 
 def _launch(workdir: Path, name: str, args: list, devices: int, process: tuple[int, int] | None = None,
-            port: int = 0) -> subprocess.Popen:
-    """``dpojax ARGS`` as process ``process = (index, count)`` of a local job (or alone), logging to NAME.log;
-    the runs of the module share a compilation cache, so a resumed run reuses the first's programs."""
+            port: int = 0, fault: str | None = None) -> subprocess.Popen:
+    """``dpojax ARGS`` as process ``process = (index, count)`` of a local job (or alone), logging to NAME.log,
+    with ``fault`` injected (``tests/fault_injection.py``); the runs of the module share a compilation cache,
+    so a resumed run reuses the first's programs."""
     if process is not None:
         args = [*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(process[1]),
                 "--process-id", str(process[0])]
     log = open(workdir / f"{name}.log", "a")  # noqa: SIM115  (closed with the process)
-    return subprocess.Popen(dpojax_command(*args), stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(dpojax_command(*args, fault=fault), stdout=log, stderr=subprocess.STDOUT,
                             env=cli_env(workdir, devices), cwd=workdir)
 
 
-def _two(workdir: Path, name: str, args: list) -> dict[str, subprocess.Popen]:
-    """``dpojax ARGS`` as a job of two processes with 4 devices each, logging to NAME.0.log and NAME.1.log."""
+def _two(workdir: Path, name: str, args: list, fault_in_1: str | None = None) -> dict[str, subprocess.Popen]:
+    """``dpojax ARGS`` as a job of two processes with 4 devices each, logging to NAME.0.log and NAME.1.log;
+    ``fault_in_1`` is injected in process 1."""
     port = free_port()
-    return {f"{name}.{i}": _launch(workdir, f"{name}.{i}", args, 4, (i, 2), port) for i in range(2)}
+    return {f"{name}.{i}": _launch(workdir, f"{name}.{i}", args, 4, (i, 2), port, fault_in_1 if i else None)
+            for i in range(2)}
 
 
-def _finish(workdir: Path, procs: dict[str, subprocess.Popen], expected: int = 0) -> None:
-    for name, proc in procs.items():
-        rc = proc.wait(timeout=900)  # compiling takes 1-3 minutes on 2 busy cores
-        assert rc == expected, (workdir / f"{name}.log").read_text()[-4000:]
+def _finish(workdir: Path, procs: dict[str, subprocess.Popen], expected: int = 0, timeout: float = 900) -> None:
+    try:
+        for name, proc in procs.items():
+            rc = proc.wait(timeout=timeout)  # compiling takes 1-3 minutes on 2 busy cores
+            assert rc == expected, (workdir / f"{name}.log").read_text()[-4000:]
+    finally:
+        for proc in procs.values():  # a process left waiting for its peer's collective
+            if proc.poll() is None:
+                proc.kill()
 
 
 def _steps_saved(run_dir: Path) -> list[int]:
@@ -124,6 +132,10 @@ def _sigterm_process_1_once_a_step_is_saved(workdir: Path, run_dir: Path, procs:
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.05)
     list(procs.values())[1].send_signal(signal.SIGTERM)
+    return _both_stopped_at_the_saved_step(workdir, run_dir, procs)
+
+
+def _both_stopped_at_the_saved_step(workdir: Path, run_dir: Path, procs: dict[str, subprocess.Popen]) -> int:
     _finish(workdir, procs, 128 + signal.SIGTERM)
     logs = [(workdir / f"{name}.log").read_text() for name in procs]
     stopped = [int(log.split("stopped by SIGTERM at step ")[1].split(";")[0]) for log in logs]
@@ -153,7 +165,10 @@ DPO_RUN = {**COMMON, "dpo.steps": 4, "dpo.pairs_per_device": 1, "dpo.log_every":
            # Adam with a tiny eps moves every weight by about ±lr whatever the size of its gradient, so last-bit
            # differences of near-zero gradients (one process sums in another order than two) would become
            # lr-sized; eps 1e-3 keeps the update linear in such gradients.
-           "optim.eps": 1e-3}
+           "optim.eps": 1e-3,
+           # sample grids and evaluations with the weights spread over both processes
+           "train.sample_every": 2, "train.eval_every": 2, "train.eval_scorer": "brightness",
+           "train.eval_images_per_prompt": 1, "train.sample_steps": 2}
 # D3PO: 4 steps per epoch, so a stop lands inside one; 2 denoising steps, one of them trained, keep the compiles
 # short (the update unrolls the trained steps). Data parallel over all 8 devices: the processes' collectives go
 # through gloo over TCP, where the per-layer weight gathers of fsdp would cost more than the rest of the run.
@@ -202,9 +217,14 @@ def preempted(workdir):
                      else _two(workdir, f"{objective}_whole", args))
             _finish(workdir, whole)
             args = _args(workdir, objective, interrupted)
-            stopped = _sigterm_process_1_once_a_step_is_saved(workdir, interrupted,
-                                                             _two(workdir, f"{objective}_stopped", args))
-            _finish(workdir, _two(workdir, f"{objective}_resumed", args))
+            if objective == "dpo":  # the notice lands while the first agreement gathers the flags
+                procs = _two(workdir, "dpo_stopped", args, fault_in_1="sigterm-in-agreement:1")
+                stopped = _both_stopped_at_the_saved_step(workdir, interrupted, procs)
+            else:
+                stopped = _sigterm_process_1_once_a_step_is_saved(workdir, interrupted,
+                                                                 _two(workdir, f"{objective}_stopped", args))
+            late = f"sigterm-in-save:{DPO_RUN['dpo.steps']}" if objective == "dpo" else None  # after the last agreement
+            _finish(workdir, _two(workdir, f"{objective}_resumed", args, fault_in_1=late))
             logs = [(workdir / f"{objective}_resumed.{i}.log").read_text() for i in range(2)]
             made[objective] = Preempted(uninterrupted, interrupted, stopped, logs)
         return made[objective]
@@ -272,3 +292,25 @@ def test_sigterm_to_one_process_stops_both_and_the_resumed_run_is_exact(preempte
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # one record per logged step, no replays
     # and the same records as the uninterrupted run (a D3PO epoch cut by the stop is summarized whole)
     assert _records(runs.interrupted) == _records(runs.uninterrupted)
+
+
+
+@pytest.mark.slow
+def test_one_agreed_decision_governs_the_loop_the_save_and_the_export(workdir, preempted):
+    """A SIGTERM handled by process 1 while the first agreement gathers the flags is not that agreement's: both
+    processes train step 2 and stop after it (exit 143, the same step). A SIGTERM to process 1 while the last
+    step's checkpoint is written comes after the last agreement: both processes finish the run as agreed, with
+    its evaluation, sample grid and export, and exit with 0 (``_finish``). Sample grids and evaluations ran
+    with the policy's weights spread over both processes."""
+    runs = preempted("dpo")
+    assert runs.stopped == 2
+    last = DPO_RUN["dpo.steps"]
+    assert f"SIGTERM arrived after the last step was agreed; the run completed at step {last}" in runs.resumed_logs[1]
+    multi = runs.interrupted
+    assert (multi / "final" / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in (multi / "samples").iterdir()) == [f"step_{s:06d}.png" for s in (0, 2, 4)]
+    evaluated = [(r["step"], r["eval_median"]) for r in map(json.loads, (multi / "metrics.jsonl").read_text()
+                                                              .splitlines()) if "eval_median" in r]
+    assert [step for step, _ in evaluated] == [2, 4]
+    best = max(evaluated, key=lambda e: (e[1], -e[0]))
+    assert json.loads((multi / "checkpoints" / "best.json").read_text()) == {"step": best[0], "score": best[1]}

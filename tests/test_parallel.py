@@ -148,11 +148,12 @@ def test_steps_take_gradients_per_device_only_on_a_replicated_cpu_mesh(tiny_sdxl
     replicated) and under jit's automatic partitioning; sharded parameters keep the latter."""
     from dpojax import bench
     from dpojax.config import load_config
+    from dpojax.train.dpo_step import make_step_functions
     from dpojax.train.harness import Setup
-    from dpojax.train.step import make_step_functions
 
     overrides = [f"model.pretrained={tiny_sdxl}", "dpo.pairs_per_device=1"]
-    assert Setup.build(load_config("configs/tiny_sdxl_dpo.yaml", [*overrides, "mesh.fsdp=-1"])).gradient_mesh is None
+    fsdp = ["mesh.data=1", "mesh.fsdp=-1"]
+    assert Setup.build(load_config("configs/tiny_sdxl_dpo.yaml", [*overrides, *fsdp])).gradient_mesh is None
     config = load_config("configs/tiny_sdxl_dpo.yaml", [*overrides, "mesh.data=-1", "mesh.fsdp=1"])
     setup = Setup.build(config)
     assert setup.gradient_mesh is setup.mesh

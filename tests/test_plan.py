@@ -245,6 +245,53 @@ def test_remat_lowers_the_temporaries_in_the_plan_command(capsys, tiny):
     assert full < 0.8 * block and block < 0.8 * none
 
 
+@pytest.mark.slow
+def test_the_plan_is_the_accelerators_program_on_any_mesh(tiny):
+    """Data parallel or FSDP, the plan compiles what a GPU runs (no CPU-only per-device gradients): the UNet
+    FLOPs per device (the step on cached latents and text embeddings runs the UNets alone) agree with each
+    other and with the model count of ``dpojax.flops`` (8 forwards per pair), and the report prints them to
+    three significant digits."""
+    from dpojax.bench import unet_forwards_per_pair, unet_image_flops
+    from dpojax.train.harness import Setup
+
+    unets_only = {"data.cache_dir": tiny / "no-cache-needed"}  # the plan reads no data, only the batch's shapes
+    config = load_config(CONFIG, _overrides(tiny, **unets_only))
+    model = unet_forwards_per_pair(config) * 2 * unet_image_flops(Setup.build(config, weights="none"))
+    data, fsdp = (_plan(tiny, mesh=mesh, **unets_only) for mesh in ("data=2,fsdp=1", "data=1,fsdp=2"))
+    assert data.platform == fsdp.platform == "gpu"
+    assert data.flops_per_device == pytest.approx(fsdp.flops_per_device, rel=0.05)
+    assert data.flops_per_device == pytest.approx(model, rel=0.05)
+    printed = re.search(r"FLOPs per optimizer micro-step: (\S+) TFLOP per device", data.report()).group(1)
+    assert len(printed.lstrip("0.")) == 3 and float(printed) == pytest.approx(data.flops_per_device / 1e12,
+                                                                             rel=5e-3)
+
+
+def test_the_planned_program_has_no_cpu_only_paths(tiny):
+    """On a data-parallel mesh the planned DPO step has no flat fp32 gradient buffer (the CPU path's one
+    all-reduce: an f32 vector of every parameter), and the D3PO update runs its trained denoising steps as a
+    loop, as GPU and TPU do, where the CPU program traces them one after another."""
+    mesh = parallel.make_mesh(data=2, fsdp=1, tensor=1, devices=jax.devices()[:2])
+    setup, program, _ = abstract_step(load_config(CONFIG, _overrides(tiny)), mesh, tiny)
+    size = sum(x.size for x in jax.tree.leaves(setup.params))
+    assert setup.gradient_mesh is None and f"tensor<{size}xf32>" not in program.lower().as_text()
+    d3po = _objective_config(tiny, "d3po", **{"d3po.num_steps": 4})  # two trained steps of four
+    for platform, loops in (("gpu", True), ("cpu", False)):
+        _, program, _ = abstract_step(d3po, mesh, tiny, platform)
+        assert _scans_convolutions(jax.make_jaxpr(program.jitted)(*program.args).jaxpr) == loops, platform
+
+
+def _scans_convolutions(jaxpr, in_scan: bool = False) -> bool:
+    """Whether a ``scan`` of ``jaxpr`` (at any depth) runs convolutions: the UNet inside a loop."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated" and in_scan:
+            return True
+        inner = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")]
+        for sub in inner:
+            if _scans_convolutions(getattr(sub, "jaxpr", sub), in_scan or eqn.primitive.name == "scan"):
+                return True
+    return False
+
+
 # ------------------------------------------------------------------- the plan counts what the trainer holds
 
 D3PO_CONFIG = Path(__file__).parents[1] / "configs" / "tiny_d3po_brightness.yaml"
@@ -257,9 +304,9 @@ OBJECTIVES = {  # (config, overrides) of each kind of run the plan must agree wi
 }
 
 
-def _objective_config(tiny: Path, name: str):
+def _objective_config(tiny: Path, name: str, **extra):
     path, overrides = OBJECTIVES[name]
-    values = {"model.pretrained": tiny, "mesh.data": 2, "mesh.fsdp": 4, **overrides}
+    values = {"model.pretrained": tiny, "mesh.data": 2, "mesh.fsdp": 4, **overrides, **extra}
     return load_config(path, [f"{k}={v}" for k, v in values.items()])
 
 

@@ -65,3 +65,30 @@ def test_the_best_scored_checkpoint_is_kept_and_exported(tmp_path, tiny_sdxl, ca
     assert cli.main(["export", str(run), str(workdir / "nope"), "--step", "4"]) == 2
     missing = capsys.readouterr().err
     assert "has no checkpoint '4'" in missing and len(missing.strip().splitlines()) == 1
+
+
+def countup(images, prompts):  # the scorer "test_train_eval:countup"
+    """Every call scores higher than the one before: each evaluation is a new best."""
+    path = Path("eval_calls")
+    calls = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(calls + 1))
+    return np.full(len(images), float(calls), np.float32)
+
+
+def test_a_kill_during_the_save_of_a_new_best_leaves_the_previous_best_on_disk_and_named(tmp_path, tiny_sdxl):
+    """SIGKILL while the checkpoint of a better evaluation is written: best.json still names the previous best,
+    which is on disk and exports; the resumed run evaluates again and names its own best once saved."""
+    workdir = pairs_workdir(tmp_path, tiny_sdxl, 24, eval_rows=2)
+    run = workdir / "run"
+    args = ["train", CONFIG, f"model.pretrained={workdir / 'tiny-sdxl'}", f"data.data_dir={workdir / 'pairs'}",
+            f"train.output_dir={run}", "dpo.steps=2", "dpo.pairs_per_device=1", "train.checkpoint_every=0",
+            "train.keep_checkpoints=1", "train.eval_every=1", "train.eval_scorer=test_train_eval:countup",
+            "train.eval_images_per_prompt=1", "train.sample_steps=2", "train.export=none", "optim.warmup_steps=1"]
+    killed = run_dpojax(workdir, *args, fault="sigkill-in-save:2")
+    assert killed.returncode == -9, killed.stderr
+    assert not (run / "checkpoints" / "2").exists()  # the save was cut short: orbax never committed it
+    assert json.loads((run / "checkpoints" / "best.json").read_text()) == {"step": 1, "score": 0.0}
+    assert cli.main(["export", str(run), str(workdir / "best_1"), "--step", "best", "--kind", "unet"]) == 0
+    assert run_dpojax(workdir, *args).returncode == 0  # resumed from step 1: evaluates step 2 again
+    assert json.loads((run / "checkpoints" / "best.json").read_text()) == {"step": 2, "score": 2.0}
+    assert cli.main(["export", str(run), str(workdir / "best_2"), "--step", "best", "--kind", "unet"]) == 0

@@ -6,6 +6,7 @@ compilation cache, so only the first run of each program compiles.
 
 import json
 import random
+import re
 import signal
 import subprocess
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import cli_env, dpojax_command, implicit_accuracy, pairs_workdir
+from helpers import cli_env, dpojax_command, implicit_accuracy, pairs_workdir, preference_score
 from PIL import Image
 from safetensors.numpy import load_file
 
@@ -22,7 +23,6 @@ from dpojax import cli, parallel
 from dpojax.components import load_components, split_params
 from dpojax.config import DataConfig, load_config
 from dpojax.data.pipeline import make_pair_loader
-from dpojax.data.synth import preference_score
 from dpojax.models import UNet2DConditionModel
 from dpojax.train.samples import policy_pipeline
 
@@ -107,6 +107,13 @@ def test_uninterrupted_run_logs_and_exports(uninterrupted):
     assert grids == [f"step_{s:06d}.png" for s in (0, STEPS // 2, STEPS)]
     assert Image.open(uninterrupted / "samples" / grids[0]).size == (32 * 4, 32)  # 4 prompts of 32 px
     assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
+    progress = [line for line in (uninterrupted.parent / "uninterrupted.log").read_text().splitlines()
+                if line.startswith("step ")]
+    times = [re.search(r"\| elapsed (\d+:\d\d:\d\d), ETA (\d+:\d\d:\d\d)$", line) for line in progress]
+    assert len(progress) == STEPS and all(times), progress  # every step's line (dpo.log_every=1) ends with both
+    seconds = [[sum(int(x) * 60 ** i for i, x in enumerate(reversed(t.split(":")))) for t in m.groups()]
+               for m in times]
+    assert [e for e, _ in seconds] == sorted(e for e, _ in seconds) and seconds[-1][1] == 0  # nothing left
     from diffusers import UNet2DConditionModel as TorchUNet  # the export loads in diffusers
 
     TorchUNet.from_pretrained(uninterrupted / "final")

@@ -17,25 +17,31 @@ from dpojax.models import layers
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False, is_causal: bool = False,
-              mask: jax.Array | None = None, kernel: str = "auto", mesh: Mesh | None = None) -> jax.Array:
+              mask: jax.Array | None = None, kernel: str = "auto", mesh: Mesh | None = None,
+              platform: str | None = None) -> jax.Array:
     """Softmax attention over (batch, tokens, heads, head_dim) arrays, scaled by 1/sqrt(head_dim).
 
     ``upcast`` computes scores and softmax in fp32 (SD2.x ``upcast_attention``: bf16 scores overflow there).
-    ``is_causal`` and a boolean ``mask`` (True = attend) serve the CLIP text encoders. ``kernel`` and ``mesh``
-    pick the implementation (``dpojax.models.attention_kernels``).
+    ``is_causal`` and a boolean ``mask`` (True = attend) serve the CLIP text encoders. ``kernel``, ``mesh`` and
+    ``platform`` pick the implementation (``dpojax.models.attention_kernels``).
     """
     dtype = q.dtype
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    return kernels.attention(q, k, v, kernel=kernel, mask=mask, is_causal=is_causal, mesh=mesh).astype(dtype)
+    return kernels.attention(q, k, v, kernel=kernel, mask=mask, is_causal=is_causal, mesh=mesh,
+                             platform=platform).astype(dtype)
 
 
-def configure_attention(module: nnx.Module, kernel: str, mesh: Mesh | None = None) -> nnx.Module:
-    """Make every :class:`Attention` inside ``module`` use ``kernel`` (``mesh``: where splash runs per device)."""
-    kernels.check_kernel(kernel)
+def configure_attention(module: nnx.Module, kernel: str, mesh: Mesh | None = None,
+                        platform: str | None = None) -> nnx.Module:
+    """Make every :class:`Attention` inside ``module`` use ``kernel`` as resolved for ``platform`` (default: the
+    running backend's; "auto" becomes that platform's kernel), placed per device over ``mesh`` where it must be
+    (splash)."""
+    platform = platform or jax.devices()[0].platform
+    kernel = kernels.resolve(kernel, platform)
     for _, sub in nnx.iter_modules(module):
         if isinstance(sub, Attention):
-            sub.kernel, sub.mesh = kernel, mesh
+            sub.kernel, sub.mesh, sub.platform = kernel, mesh, platform
     return module
 
 
@@ -53,13 +59,13 @@ class Attention(nnx.Module):
         self.to_v = layers.linear(context_dim, inner, bias=bias, **kw)
         self.to_out = nnx.List([layers.linear(inner, query_dim, **kw)])  # index 1 is a parameter-free Dropout
         self.heads, self.upcast = heads, upcast
-        self.kernel, self.mesh = "auto", None  # see configure_attention
+        self.kernel, self.mesh, self.platform = "auto", None, None  # see configure_attention
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         context = x if context is None else context
         split = lambda t: t.reshape(*t.shape[:2], self.heads, -1)  # noqa: E731
         out = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)),
-                        upcast=self.upcast, kernel=self.kernel, mesh=self.mesh)
+                        upcast=self.upcast, kernel=self.kernel, mesh=self.mesh, platform=self.platform)
         return self.to_out[0](out.reshape(*out.shape[:2], -1))
 
 

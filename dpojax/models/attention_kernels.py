@@ -14,10 +14,12 @@
 
 A kernel that cannot take a call (cross-attention to 77 text tokens under splash, fp32 under cuDNN, a mask or
 causal attention under either, the VAE's 512-wide heads under cuDNN) falls back for that call: to blocked when
-the call is unmasked and longer than a query block (no score matrix of a 16384-token image), else to xla. Which
-kernel ran, and why, is logged once per distinct choice at trace time (``logging`` name ``dpojax.attention``)
-and kept in :data:`CHOSEN` for reports such as `dpojax bench`.
-All kernels compute the same function; tests compare them with a NumPy reference.
+the call is unmasked and its score matrix is large (``BLOCKED_MIN_SCORES``: no whole score matrix of a
+16384-token image), else to xla (cross-attention of 4096 queries to 77 tokens is one small matrix, not eight
+serialised blocks). Which kernel ran, and why, is logged once per distinct choice at trace time (``logging``
+name ``dpojax.attention``) and kept in :data:`CHOSEN` for reports such as `dpojax bench`.
+All kernels compute the same function, with the softmax scale 1/sqrt(head_dim) applied in fp32 as
+``jax.nn.dot_product_attention`` and cuDNN do; tests compare them with a NumPy reference.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from dpojax.parallel import BATCH_AXES
+
 KERNELS = ("auto", "xla", "cudnn", "splash", "blocked")
 QUERY_BLOCK = 512  # queries per block of the blocked kernel
+BLOCKED_MIN_SCORES = 1 << 20  # a fallback runs blocked from this many scores per (image, head): 1024 x 1024
 SPLASH_BLOCK = 128  # TPU lane width: splash needs sequence lengths (and pads head_dim) to multiples of it
 SPLASH_MAX_BLOCK = 512
-BATCH_AXES = ("data", "fsdp")
 
 logger = logging.getLogger("dpojax.attention")
 CHOSEN: dict[tuple[str, str], str] = {}  # (requested, used) -> reason, filled the first time each is traced
@@ -80,14 +84,25 @@ def _announce(requested: str, used: str, reason: str) -> None:
         logger.info("attention kernel %s (requested %s): %s", used, requested, reason)
 
 
+def softmax_scale(q: jax.Array) -> jax.Array:
+    """1/sqrt(head_dim) in fp32 (in bf16 it would be rounded: 0.057% too large for a head of 40)."""
+    return jnp.float32(1.0 / math.sqrt(q.shape[-1]))
+
+
+def prescaled_query(q: jax.Array) -> jax.Array:
+    """``q`` times the softmax scale, multiplied in fp32 and rounded once to ``q``'s dtype, for a kernel that
+    does not scale (splash): unbiased, where a bf16 product would take the bf16-rounded scale."""
+    return (q.astype(jnp.float32) * softmax_scale(q)).astype(q.dtype)
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                   is_causal: bool = False) -> jax.Array:
     """Masked calls go to ``jax.nn.dot_product_attention``; unmasked ones (the UNet's) are two einsums around
-    a softmax, scores in fp32 as there: on XLA:CPU this has fewer ops (no mask plumbing, q scaled instead of
-    the larger score matrix), and it is the faster on CPU (``dpojax bench``)."""
+    a softmax, scores in fp32 as there: on XLA:CPU this has fewer ops (no mask plumbing), and it is the faster
+    on CPU (``dpojax bench``)."""
     if mask is not None or is_causal:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
-    return _softmax_attention(q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype), k, v)
+    return _softmax_attention(q, k, v)
 
 
 @jax.custom_vjp
@@ -96,9 +111,8 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _softmax_attention_forward(q, k, v):
-    """Attention of pre-scaled ``q``, keeping the probabilities for the backward pass. Differentiated
-    automatically, XLA:CPU fused the score product and the exponential into several backward fusions and
-    computed them again in each."""
+    """Attention keeping the probabilities for the backward pass. Differentiated automatically, XLA:CPU fused
+    the score product and the exponential into several backward fusions and computed them again in each."""
     weights = jax.nn.softmax(_scores(q, k), axis=-1)
     return jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v), (q, k, v, weights)
 
@@ -108,7 +122,8 @@ def _softmax_attention_backward(residuals, d_out):
     f32 = dict(preferred_element_type=jnp.float32)
     dv = jnp.einsum("bhts,bthd->bshd", weights.astype(v.dtype), d_out)
     d_weights = jnp.einsum("bthd,bshd->bhts", d_out, v, **f32)
-    d_scores = (weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))).astype(q.dtype)
+    d_scores = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
+    d_scores = (d_scores * softmax_scale(q)).astype(q.dtype)
     return (jnp.einsum("bhts,bshd->bthd", d_scores, k), jnp.einsum("bhts,bthd->bshd", d_scores, q), dv)
 
 
@@ -127,7 +142,8 @@ def _chained(*arrays):
 
 
 def _scores(q_block: jax.Array, k: jax.Array) -> jax.Array:
-    return jnp.einsum("bthd,bshd->bhts", q_block, k, preferred_element_type=jnp.float32)
+    """Scaled scores in fp32, (B, H, T, S)."""
+    return jnp.einsum("bthd,bshd->bhts", q_block, k, preferred_element_type=jnp.float32) * softmax_scale(q_block)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -136,8 +152,8 @@ def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
 
 
 def _blocked_forward(q, k, v, block):
-    """Softmax attention of pre-scaled ``q`` one query block at a time; also the rows' log-sum-exp (fp32),
-    which is all the backward pass needs to rebuild a block's probabilities."""
+    """Softmax attention one query block at a time; also the rows' log-sum-exp (fp32), which is all the
+    backward pass needs to rebuild a block's probabilities."""
     outs, lses, previous = [], [], jnp.zeros((), v.dtype)
     for q_block in _blocks(q, block):
         q_block, _ = _chained(q_block, previous)
@@ -167,7 +183,7 @@ def _blocked_backward(block, residuals, d_out):
         dv = dv + jnp.einsum("bhts,bthd->bshd", probs.astype(v.dtype), do_block, **f32)
         d_probs = jnp.einsum("bthd,bshd->bhts", do_block, v, **f32)
         rows = jnp.einsum("bthd,bthd->bht", do_block.astype(jnp.float32), o_block.astype(jnp.float32))
-        d_scores = (probs * (d_probs - rows[..., None])).astype(q.dtype)
+        d_scores = (probs * (d_probs - rows[..., None]) * softmax_scale(q)).astype(q.dtype)
         dqs.append(jnp.einsum("bhts,bshd->bthd", d_scores, k, **f32).astype(q.dtype))
         dk = dk + jnp.einsum("bhts,bthd->bshd", d_scores, q_block, **f32)
     return jnp.concatenate(dqs, axis=1), dk.astype(k.dtype), dv.astype(v.dtype)
@@ -180,6 +196,12 @@ def _blockable(q: jax.Array, block: int = QUERY_BLOCK) -> bool:
     return q.shape[1] > block and q.shape[1] % block == 0
 
 
+def _blocked_fallback(q: jax.Array, k: jax.Array) -> bool:
+    """Whether an unmasked call a kernel refuses runs blocked: its score matrix is large, and it splits into
+    query blocks. Smaller ones (a 4096 x 77 cross-attention) are one xla call rather than serialised blocks."""
+    return q.shape[1] * k.shape[1] >= BLOCKED_MIN_SCORES and _blockable(q)
+
+
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = QUERY_BLOCK) -> jax.Array:
     """xla attention over blocks of ``block`` queries, one after another, with flash attention's backward pass
     (probabilities rebuilt per block from the saved log-sum-exp): forward and backward hold one block's
@@ -187,7 +209,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = QUE
     XLA's cost analysis counts every block."""
     if not _blockable(q, block):
         return xla_attention(q, k, v)
-    return _blocked(q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype), k, v, block)
+    return _blocked(q, k, v, block)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -214,7 +236,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh | N
     """Splash over (B, T, H, D) arrays; inside ``shard_map`` over the batch axes of ``mesh`` when given."""
     head_dim = q.shape[-1]
     pad = -head_dim % SPLASH_BLOCK  # zero lanes add nothing to q·k and give zero output columns
-    q = q * (1.0 / math.sqrt(head_dim))  # the kernel does not scale
+    q = prescaled_query(q)  # the kernel does not scale
 
     def per_device(q, k, v):
         to_heads = lambda t: jnp.pad(t, ((0, 0),) * 3 + ((0, pad),)).transpose(0, 2, 1, 3)  # noqa: E731
@@ -230,19 +252,22 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh | N
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: str = "auto", mask: jax.Array | None = None,
-              is_causal: bool = False, mesh: Mesh | None = None, interpret: bool = False) -> jax.Array:
+              is_causal: bool = False, mesh: Mesh | None = None, platform: str | None = None,
+              interpret: bool = False) -> jax.Array:
     """Softmax(q·kᵀ/√d)·v over (batch, tokens, heads, head_dim), by ``kernel`` or, when it cannot, by xla.
 
     ``mask`` (True = attend) and ``is_causal`` serve the CLIP text encoders; ``mesh`` places splash per device;
-    ``interpret`` runs the Pallas kernel in interpreter mode (tests on CPU).
+    ``platform`` is the one the program is built for (default: the running backend's); ``interpret`` runs the
+    Pallas kernel in interpreter mode (tests on CPU).
     """
-    platform = jax.devices()[0].platform
+    platform = platform or jax.devices()[0].platform
     chosen = resolve(kernel, platform)
     masked = mask is not None or is_causal
     reason = unsupported_reason(chosen, q, k, platform=platform, masked=masked)
     if reason is not None:
-        if not masked and _blockable(q):  # e.g. the VAE's 16384-token, 512-wide attention at 1024 px
-            _announce(kernel, "blocked", f"fallback: {reason}; {q.shape[1]} queries: blocked keeps memory linear")
+        if not masked and _blocked_fallback(q, k):  # e.g. the VAE's 16384-token, 512-wide attention at 1024 px
+            _announce(kernel, "blocked", f"fallback: {reason}; {q.shape[1]}x{k.shape[1]} scores: blocked keeps "
+                                         f"memory linear")
             return blocked_attention(q, k, v)
         _announce(kernel, "xla", f"fallback: {reason}")
         return xla_attention(q, k, v, mask=mask, is_causal=is_causal)

@@ -9,12 +9,15 @@ intact and the half-written one is ignored on restart.
 
 A run that evaluates (``train.eval_every``) also keeps the checkpoint of its best median score, whatever its
 age; ``best.json`` in the checkpoints folder names it (orbax does not read its own save metrics back on
-restart, so the run keeps this record itself).
+restart, so the run keeps this record itself). A better score names its checkpoint only once that checkpoint is
+committed, and the previous best is kept until then: a run killed during the save still has a best on disk.
+A NaN score is never the best.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,14 +53,14 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-class KeepStep:
-    """An orbax preservation policy: keep the checkpoint of ``step`` (None: none)."""
+class KeepSteps:
+    """An orbax preservation policy: keep the checkpoints of ``steps``."""
 
-    def __init__(self, step: int | None = None):
-        self.step = step
+    def __init__(self, steps: set[int]):
+        self.steps = steps
 
     def should_preserve(self, checkpoints: Sequence, *, context) -> list[bool]:
-        return [checkpoint.step == self.step for checkpoint in checkpoints]
+        return [checkpoint.step in self.steps for checkpoint in checkpoints]
 
 
 class Checkpointer:
@@ -67,7 +70,9 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
         self.best = self._read_best()
-        self._keep_best = KeepStep(self.best["step"] if self.best else None)
+        self._candidate: dict[str, Any] | None = None  # a better score whose checkpoint is not yet committed
+        self._last_saved: int | None = None  # the step of the latest save started
+        self._keep_best = KeepSteps({self.best["step"]} if self.best else set())
         policy = preservation_policy.AnyPreservationPolicy([preservation_policy.LatestN(keep), self._keep_best])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                                enable_async_checkpointing=async_save)
@@ -84,12 +89,23 @@ class Checkpointer:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def record_score(self, step: int, score: float) -> None:
-        """The evaluation score of the checkpoint about to be saved at ``step``: a new best is kept from then on
-        (and the previous best released), before the save's clean-up runs."""
+        """The evaluation score of the checkpoint about to be saved at ``step``. A better finite score makes it
+        the candidate: kept from then on beside the current best, and named best once it is committed."""
+        if not math.isfinite(score):
+            return
+        self.wait()  # a candidate whose save is in flight is the best to beat once it is committed
         if self.best is not None and self.best["step"] < step and score <= self.best["score"]:
             return
-        self.best = {"step": step, "score": score}
-        self._keep_best.step = step
+        self._candidate = {"step": step, "score": score}
+        self._keep_best.steps = {step, *([self.best["step"]] if self.best else [])}
+
+    def _promote(self) -> None:
+        """After a wait for the saves in flight: once the candidate's checkpoint is committed, ``best.json`` names
+        it and the previous best is released (removed at the next save's clean-up unless it is recent)."""
+        if self._candidate is None or self._candidate["step"] != self._last_saved:
+            return
+        self.best, self._candidate = self._candidate, None
+        self._keep_best.steps = {self.best["step"]}
         if jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             with atomic_file(self.directory / "best.json") as f:
@@ -110,7 +126,9 @@ class Checkpointer:
                      meta=ocp.args.JsonSave({**meta, "step": step, "has_data": data is not None}))
         if data is not None:
             items["data"] = ocp.args.PyTreeSave(data)
+        self.wait()  # orbax would wait for the save in flight too; this also promotes a committed best
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._last_saved = step
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Read checkpoint ``step`` onto the shardings of ``target`` (abstract or real arrays)."""
@@ -135,7 +153,9 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def wait(self) -> None:
+        """Until every save in flight is committed."""
         self.manager.wait_until_finished()
+        self._promote()
 
     def close(self) -> None:
         self.manager.close()

@@ -46,9 +46,10 @@ from dpojax.config import Config, ConfigError, apply_overrides
 from dpojax.diffusers_folder import read_pipeline_folder
 from dpojax.feedback.labels import read_labels
 from dpojax.feedback.rounds import Round, read_round, write_round
-from dpojax.feedback.scorers import score_images, scorer_from_config
 from dpojax.losses import pareto_preference
 from dpojax.schedule import ddim_timesteps
+from dpojax.scorers.base import score_images
+from dpojax.scorers.registry import scorer_from_config
 from dpojax.train.d3po_step import latent_size, make_sampler, make_update, text_inputs, text_shapes
 from dpojax.train.harness import Program, Run, Setup, TrainResult, itstime
 from dpojax.weights.atomic import atomic_folder
@@ -350,7 +351,7 @@ def train(config: Config, *, out=None) -> TrainResult:
                 run.log.write(run.step, {"epoch": d3po.num_epochs, **evaluate(run, sample_one, prompts, scorer,
                                                                               d3po.num_epochs)},
                               pairs_per_second=None, show=True)
-        return run.finish(loop)  # save, export
+            return run.finish(loop)  # save, export
 
 
 # --- human-feedback rounds ---------------------------------------------------------------------------------
@@ -441,7 +442,8 @@ def train_round(round_dir: str | Path, overrides: list[str] = (), *, out=None) -
                          f"every labeled pair ties)")
     d3po = config.d3po
     latents = _check_trajectories(round_, config, read_pipeline_folder(config.model.pretrained).schedule, round_dir)
-    steps_per_epoch = -(-len(pairs) // config.pairs_per_step(parallel.batch_device_count(config.mesh)))
+    steps_per_epoch = -(-len(pairs) // config.pairs_per_step(parallel.batch_devices(parallel.make_mesh(
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor))))
     with Run(config, total_steps=d3po.num_epochs * steps_per_epoch, out=out) as run:  # mesh → load → state
         text = text_inputs(run.components, list(round_.prompts), d3po.resolution)
         data = RoundPairs(run, PairBuffer(latents, text, pairs, preference))  # data, at the checkpoint's position
@@ -459,7 +461,7 @@ def train_round(round_dir: str | Path, overrides: list[str] = (), *, out=None) -
                 if loop.stopping:
                     break
                 data.next_epoch()
-        result = run.finish(loop)  # save, export
+            result = run.finish(loop)  # save, export
         if result.final is not None:
             run.log.print(f"next round: dpojax d3po sample CONFIG --out NEXT_ROUND model.pretrained={result.final}")
         return result

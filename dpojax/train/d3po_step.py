@@ -30,9 +30,9 @@ from dpojax import schedule as sched
 from dpojax.components import Components, policy_unet_params, shardings_of
 from dpojax.config import D3POConfig
 from dpojax.pipeline import TextConditioning, ddim_loop, decode_to_uint8, guided_predictor, sdxl_time_ids
+from dpojax.train.dpo_step import poisoned, text_conditioning
 from dpojax.train.harness import Setup
 from dpojax.train.state import TrainState
-from dpojax.train.step import poisoned, text_conditioning
 
 TRAIN_STREAM = 1  # fold_in tag of the training step's randomness (the timestep subsets)
 
@@ -117,20 +117,22 @@ def transition_log_probs(unet: nnx.Module, components: Components, d3po: D3POCon
 
 def d3po_gradients(components: Components, d3po: D3POConfig, params: dict, frozen: dict,
                    latents: jax.Array, cond: TextConditioning, uncond: TextConditioning | None,
-                   preference: jax.Array, positions: jax.Array, gradient_mesh: Mesh | None = None
-                   ) -> tuple[dict, dict[str, jax.Array]]:
+                   preference: jax.Array, positions: jax.Array, gradient_mesh: Mesh | None = None,
+                   platform: str | None = None) -> tuple[dict, dict[str, jax.Array]]:
     """The mean over K positions of the gradient of the D3PO loss, and the step's metrics.
 
     ``latents`` (P, 2, T+1, C, h, w): both members' x_T ... x_0; ``cond``/``uncond``: P rows;
     ``preference`` (P, 2) in {−1, 0, +1}; ``positions`` (P, K) int: the denoising-step indices trained per pair.
-    ``gradient_mesh``: take the gradients per device on it (``parallel.data_parallel``).
+    ``gradient_mesh``: take the gradients per device on it (``parallel.data_parallel``); ``platform``: the one
+    the program is for (default: the running backend's), which decides how the positions are traced.
     """
     num_steps = latents.shape[2] - 1
     preference = preference.astype(jnp.float32)
+    unroll = positions_unroll(d3po, positions.shape[1], platform or jax.devices()[0].platform)
 
     def pairs_gradients(params, frozen, latents, cond, uncond, preference, positions):
         grads, step_metrics, log_ratios = _positions_gradients(components, d3po, params, frozen, latents, cond,
-                                                               uncond, preference, positions)
+                                                               uncond, preference, positions, unroll)
         return grads, step_metrics, jnp.swapaxes(log_ratios, 0, 1)  # (P, K, 2): the rows lead
 
     grads, step_metrics, log_ratios = parallel.data_parallel(pairs_gradients, gradient_mesh, (params, frozen),
@@ -140,8 +142,9 @@ def d3po_gradients(components: Components, d3po: D3POConfig, params: dict, froze
 
 def _positions_gradients(components: Components, d3po: D3POConfig, params: dict, frozen: dict,
                          latents: jax.Array, cond: TextConditioning, uncond: TextConditioning | None,
-                         preference: jax.Array, positions: jax.Array):
-    """(mean gradient over the K positions, per-position loss metrics, log-ratios (K, P, 2)) of these pairs."""
+                         preference: jax.Array, positions: jax.Array, unroll: int | bool):
+    """(mean gradient over the K positions, per-position loss metrics, log-ratios (K, P, 2)) of these pairs;
+    ``unroll`` as ``positions_unroll`` gives it."""
     reference = nnx.merge(components.reference, frozen["reference"])
     num_pairs, num_positions = positions.shape
     num_steps = latents.shape[2] - 1
@@ -172,7 +175,6 @@ def _positions_gradients(components: Components, d3po: D3POConfig, params: dict,
         return grad_sum, (metrics, log_ratio)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    unroll = positions_unroll(d3po, num_positions)
     if unroll is True:  # traced position by position: lax.scan keeps even a one-step scan a loop
         grad_sum, per_position = zeros, []
         for position in positions.T:
@@ -185,11 +187,11 @@ def _positions_gradients(components: Components, d3po: D3POConfig, params: dict,
     return grads, step_metrics, log_ratios
 
 
-def positions_unroll(d3po: D3POConfig, num_positions: int) -> int | bool:
-    """``d3po.unroll``, or its platform default: every position on CPU, a rolled loop on GPU/TPU. All positions
-    is ``True``: straight-line code, as XLA:CPU runs the weight-gradient convolutions of a loop body, even of a
-    one-trip loop, on a much slower path."""
-    unroll = d3po.unroll or (num_positions if jax.devices()[0].platform == "cpu" else 1)
+def positions_unroll(d3po: D3POConfig, num_positions: int, platform: str) -> int | bool:
+    """``d3po.unroll``, or the default of the ``platform`` the program is for: every position on CPU, a rolled
+    loop on GPU/TPU. All positions is ``True``: straight-line code, as XLA:CPU runs the weight-gradient
+    convolutions of a loop body, even of a one-trip loop, on a much slower path."""
+    unroll = d3po.unroll or (num_positions if platform == "cpu" else 1)
     return True if unroll >= num_positions else unroll
 
 
@@ -255,7 +257,8 @@ def make_update(setup: Setup) -> Callable:
         latents = batch["latents"]
         positions = training_positions(key, latents.shape[0], latents.shape[2] - 1, d3po.timestep_fraction)
         grads, metrics = d3po_gradients(components, d3po, state.params, frozen, latents, cond,
-                                        uncond, batch["preference"], positions, setup.gradient_mesh)
+                                        uncond, batch["preference"], positions, setup.gradient_mesh,
+                                        setup.platform)
         grads = jax.tree.map(lambda g: poisoned(g, state.step, nan_step), grads)  # test hook (NaN stop)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -2,7 +2,7 @@
 
 What this objective owns: its data (the pairs `dpojax data prepare` wrote, or the latent cache of
 `dpojax data encode`, through a grain iterator whose state is the checkpoint's data position) and its step
-(``dpojax.train.step``: one micro-batch's loss and gradient, ``dpo.grad_accum`` micro-batches per optimizer
+(``dpojax.train.dpo_step``: one micro-batch's loss and gradient, ``dpo.grad_accum`` micro-batches per optimizer
 step). The setup, checkpoints, resume, stop on SIGTERM/SIGINT, finite-loss check, logs, sample grids and
 export are the harness's (``dpojax.train.harness``). A resumed run gives the result an uninterrupted run
 would: same parameters, optimizer state, step, PRNG key and data position.
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 
 from dpojax import parallel
 from dpojax.config import Config
+from dpojax.train.dpo_step import StepFunctions, host_batch, make_step_functions
 from dpojax.train.harness import Program, Run, Setup, TrainResult, itstime
 from dpojax.train.metrics import mean_metrics
-from dpojax.train.step import StepFunctions, host_batch, make_step_functions
 
 
 def make_loader(config: Config, pairs_per_process: int):
@@ -122,5 +122,5 @@ def train(config: Config, *, out=None) -> TrainResult:
                 show = itstime(step, dpo.log_every, dpo.steps) or step == first
                 if loop.end_step(metrics["loss"], metrics, pairs=pairs_per_step, show=show):
                     break
-        return run.finish(loop)  # save, export
+            return run.finish(loop)  # save, export
 

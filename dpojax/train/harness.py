@@ -68,6 +68,7 @@ class Setup:
 
     config: Config
     mesh: jax.sharding.Mesh
+    platform: str  # what the programs are built for: the mesh's devices', or the accelerator a plan is for
     components: Components
     params: Any  # the policy's initial parameters: arrays, or shape-only leaves
     frozen: dict  # reference, VAE, text encoders: arrays, or shape-only leaves
@@ -77,25 +78,29 @@ class Setup:
 
     @classmethod
     def build(cls, config: Config, *, weights: Weights = "all", mesh: jax.sharding.Mesh | None = None,
-              folder: str | Path | None = None) -> Setup:
-        """``weights`` as ``load_components`` takes it; ``folder`` replaces ``model.pretrained`` (plan)."""
+              folder: str | Path | None = None, platform: str | None = None) -> Setup:
+        """``weights`` as ``load_components`` takes it; ``folder`` replaces ``model.pretrained`` and ``platform``
+        the mesh's (``dpojax plan`` builds an accelerator's programs on CPU devices)."""
         if mesh is None:
             mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-        batch_devices = parallel.mesh_batch_devices(mesh)
+        platform = platform or mesh.devices.flat[0].platform
+        batch_devices = parallel.batch_devices(mesh)
         if batch_devices % jax.process_count():
             raise ValueError(f"the {batch_devices} devices along the batch mesh axes (data x fsdp) do not split "
                              f"over {jax.process_count()} processes")
-        components, params, frozen = load_components(config, mesh, weights=weights, folder=folder)
+        components, params, frozen = load_components(config, mesh, weights=weights, folder=folder,
+                                                     platform=platform)
         if config.resolution % components.vae_scale_factor:
             raise ValueError(f"config: the resolution {config.resolution} must be a multiple of the VAE scale "
                              f"factor {components.vae_scale_factor}")
         tx, lr_schedule = make_optimizer(config.optim, config.learning_rate(batch_devices))
-        return cls(config, mesh, components, params, frozen, tx, lr_schedule, state_shardings(tx, params, mesh))
+        return cls(config, mesh, platform, components, params, frozen, tx, lr_schedule,
+                   state_shardings(tx, params, mesh))
 
     @property
     def batch_devices(self) -> int:
         """Devices along the batch mesh axes (data x fsdp): batch sizes per device are multiplied by it."""
-        return parallel.mesh_batch_devices(self.mesh)
+        return parallel.batch_devices(self.mesh)
 
     @property
     def local_batch_devices(self) -> int:
@@ -114,7 +119,7 @@ class Setup:
     def gradient_mesh(self) -> jax.sharding.Mesh | None:
         """The mesh the steps take gradients per device on (``parallel.data_parallel``), or None."""
         replicated = (self.shardings.params, shardings_of(self.frozen))
-        return self.mesh if parallel.per_device_gradients(self.mesh, replicated) else None
+        return self.mesh if parallel.per_device_gradients(self.platform, self.mesh, replicated) else None
 
     def _init(self, params) -> TrainState:
         return init_state(self.tx, params, self.config.train.seed)
@@ -270,13 +275,20 @@ class Run:
         return Loop(self, source)
 
     def finish(self, loop: Loop) -> TrainResult:
-        """The result once the loop ended: stopped by a signal (its checkpoint saved), or complete and exported."""
+        """The result once the loop ended, as the last agreement decided it on every process: stopped by a
+        signal (its checkpoint saved), or complete and exported. Called inside the loop's context, so a signal
+        after the last agreement is only recorded: every host finishes the same way."""
         self.checkpointer.wait()
-        if loop.stop.signal_name is not None:  # every process says it: each host's log shows where it stopped
-            print(f"stopped by {loop.stop.signal_name} at step {self.step}; checkpoint saved in "
+        stop = loop.stop
+        if stop.stopped_by is not None:  # every process says it: each host's log shows where it stopped
+            print(f"stopped by {stop.stopped_by} at step {self.step}; checkpoint saved in "
                   f"{self.checkpointer.directory / str(self.step)}", file=self.out, flush=True)
-            return TrainResult(self.step, self.run_dir, interrupted_by=loop.stop.signal_name)
-        return TrainResult(self.step, self.run_dir, final=self.export())
+            return TrainResult(self.step, self.run_dir, interrupted_by=stop.stopped_by)
+        result = TrainResult(self.step, self.run_dir, final=self.export())
+        if stop.signal_name is not None:
+            print(f"{stop.signal_name} arrived after the last step was agreed; the run completed at step "
+                  f"{self.step}", file=self.out, flush=True)
+        return result
 
     def export(self) -> Path | None:
         """Write the trained policy to ``<output_dir>/final`` as ``train.export`` says (None when "none")."""
@@ -293,22 +305,28 @@ class Run:
 # --- the loop --------------------------------------------------------------------------------------------------
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between optimizer steps (checkpoint, then exit)."""
+    """Turns SIGTERM/SIGINT into a flag, and the flags of all processes into one decision to stop.
+
+    ``signal_name`` is the signal this process received; ``stopped_by`` the agreed decision: None until an
+    agreement says stop, then the signal that stops the run (the same step on every process).
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.stopped_by: str | None = None
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self) -> bool:
         """Whether to stop now, the same answer on every process: a signal that reached one host stops all
-        of them after the same step (the others record it as SIGTERM)."""
-        if any_process(self.signal_name is not None) and self.signal_name is None:
-            self.signal_name = signal.SIGTERM.name
-        return self.signal_name is not None
+        of them after the same step (the others record it as SIGTERM). The answer is the gathered flags
+        alone: a signal handled while they are gathered is this host's flag at the next agreement."""
+        if self.stopped_by is None and any_process(self.signal_name is not None):
+            self.stopped_by = self.signal_name or signal.SIGTERM.name
+        return self.stopped_by is not None
 
     @contextlib.contextmanager
     def installed(self):
@@ -325,7 +343,7 @@ class Evaluator:
 
     def __init__(self, run: Run):
         from dpojax.evaluate.prompts import read_prompts
-        from dpojax.feedback.scorers import scorer_from_config
+        from dpojax.scorers.registry import scorer_from_config
 
         train = run.config.train
         self.run = run
@@ -334,7 +352,7 @@ class Evaluator:
 
     def __call__(self) -> dict[str, float]:
         """The scores' median (the paper's checkpoint rule) and mean; their images go to TensorBoard."""
-        from dpojax.feedback.scorers import score_per_image
+        from dpojax.scorers.base import score_per_image
         from dpojax.train.samples import eval_images, image_grid
 
         run = self.run
@@ -353,7 +371,8 @@ class Loop:
         self.stop = StopRequest()
         self.stopping = False
         self._signals = self.stop.installed()
-        self._last_log = time.perf_counter()
+        self._last_log = self._started = time.perf_counter()
+        self._first_step = run.step  # this session's steps time the estimate of the rest
         self._pairs_since_log = 0
         self.evaluate = Evaluator(run) if run.config.train.eval_every else None
 
@@ -385,8 +404,10 @@ class Loop:
             record, show = {**(record or {}), **evaluation}, True
         if record is not None:
             now = time.perf_counter()
+            elapsed = now - self._started
+            remaining = elapsed / (run.step - self._first_step) * (run.total_steps - run.step)
             run.log.write(run.step, record, pairs_per_second=self._pairs_since_log / (now - self._last_log),
-                          show=show)
+                          show=show, elapsed=elapsed, remaining=remaining)
             self._last_log, self._pairs_since_log = now, 0
         self.stopping = self.stop.agreed()
         if evaluation is not None:

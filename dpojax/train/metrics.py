@@ -29,11 +29,21 @@ def mean_metrics(micro_metrics: list[dict]) -> dict[str, float]:
                      / sum(1 for m in micro_metrics if k in m)) for k in sorted(keys)}
 
 
-def progress_line(step: int, total: int, metrics: dict[str, float], pairs_per_second: float | None) -> str:
+def clock(seconds: float) -> str:
+    """``H:MM:SS`` (hours unbounded), as a progress bar prints durations."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float], pairs_per_second: float | None,
+                  elapsed: float | None = None, remaining: float | None = None) -> str:
+    """``elapsed``: seconds this process has trained; ``remaining``: the estimate for the steps left."""
     parts = [f"step {step}/{total}"]
     parts += [fmt.format(metrics[k]) for k, fmt in PROGRESS_KEYS if k in metrics]
     if pairs_per_second is not None:
         parts.append(f"{pairs_per_second:.2f} pairs/s")
+    if elapsed is not None:
+        parts.append(f"elapsed {clock(elapsed)}" + ("" if remaining is None else f", ETA {clock(remaining)}"))
     return " | ".join(parts)
 
 
@@ -85,7 +95,10 @@ class MetricsLog:
             print(line, file=self.out, flush=True)
 
     def write(self, step: int, metrics: dict[str, float], *, pairs_per_second: float | None,
-              show: bool) -> None:
+              show: bool, elapsed: float | None = None, remaining: float | None = None) -> None:
+        """One record of ``step``; ``show`` also prints the progress line (with ``elapsed`` and the estimate
+        of the ``remaining`` seconds, which stay out of the record: a resumed run's records equal an
+        uninterrupted one's)."""
         if not self.primary:
             return
         record = {"step": step, "time": time.time(), **metrics}
@@ -99,7 +112,7 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if show:
-            self.print(progress_line(step, self.total_steps, metrics, pairs_per_second))
+            self.print(progress_line(step, self.total_steps, metrics, pairs_per_second, elapsed, remaining))
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         """A uint8 (H, W, 3) image to TensorBoard (and W&B) at ``step``."""

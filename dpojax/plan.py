@@ -219,6 +219,12 @@ def abstract_step(config: Config, mesh, folder: Path, platform: str = "gpu"):
     return setup, objective_module(config).update_program(setup), config
 
 
+def flops_per_device(lowered, devices: int) -> float:
+    """FLOPs of a lowered step per device: XLA's cost analysis of the whole step, before partitioning, split
+    evenly (the accelerator's program has no per-device body to count at other shapes)."""
+    return float(lowered.cost_analysis().get("flops", 0.0)) / devices
+
+
 def micro_pairs_per_device(config: Config) -> int:
     """Pairs per device of one compiled step: a DPO micro-batch, a D3PO optimizer step."""
     return config.d3po.train_batch_size if config.objective == "d3po" else config.dpo.pairs_per_device

@@ -96,7 +96,7 @@ def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int
     import jax
 
     from dpojax import parallel
-    from dpojax.plan import Plan, abstract_step, held_bytes, micro_pairs_per_device, plan_xla_flags
+    from dpojax.plan import Plan, abstract_step, flops_per_device, held_bytes, micro_pairs_per_device, plan_xla_flags
 
     count = math.prod(mesh_sizes.values())
     os.environ["XLA_FLAGS"] = plan_xla_flags(os.environ.get("XLA_FLAGS", ""))  # read when JAX starts XLA
@@ -108,12 +108,12 @@ def measure(config, mesh_sizes: dict[str, int], folder: Path, device_memory: int
     setup, program, config = abstract_step(config, mesh, folder, platform)
     start = time.perf_counter()
     lowered = program.lower()
-    flops = float(lowered.cost_analysis().get("flops", 0.0))  # the whole step, before partitioning
+    flops = flops_per_device(lowered, count)
     memory = compile_until_buffer_assignment(lowered, workdir / "xla")
     return Plan(objective=config.objective, platform=platform, mesh=dict(mesh.shape),
                 pairs_per_device=micro_pairs_per_device(config),
                 remat=config.model.remat, attention=config.model.attention, **held_bytes(setup, program), **memory,
-                flops_per_device=flops / count, device_memory=device_memory,
+                flops_per_device=flops, device_memory=device_memory,
                 compile_seconds=time.perf_counter() - start)
 
 

@@ -24,7 +24,7 @@ if [[ "$TINY" == 1 ]]; then
   trap 'rm -rf "$scratch"' EXIT
   tiny="$scratch/tiny-sdxl"
   run "$PYTHON" -m dpojax.cli init-tiny "$tiny"
-  bench configs/tiny_sdxl_dpo.yaml "model.pretrained=$tiny" dpo.pairs_per_device=1 mesh.fsdp=1 \
+  bench configs/tiny_sdxl_dpo.yaml "model.pretrained=$tiny" dpo.pairs_per_device=1 \
     --iters 1 --rounds 1 --warmup 0 --d3po-k 1
   exit 0
 fi

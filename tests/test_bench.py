@@ -26,7 +26,7 @@ def tiny(tiny_sdxl):
 
 def bench_args(tiny, *extra):
     return ["bench", "configs/tiny_sdxl_dpo.yaml", f"model.pretrained={tiny}", "dpo.pairs_per_device=1",
-            "mesh.fsdp=1", "--iters", "1", "--rounds", "1", "--warmup", "0", *extra]
+            "mesh.data=1", "mesh.fsdp=1", "--iters", "1", "--rounds", "1", "--warmup", "0", *extra]
 
 
 def test_device_bench_script_runs_its_tiny_cpu_mode(tiny, tmp_path):

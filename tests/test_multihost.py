@@ -165,10 +165,10 @@ DPO_RUN = {**COMMON, "dpo.steps": 4, "dpo.pairs_per_device": 1, "dpo.log_every":
            # Adam with a tiny eps moves every weight by about ±lr whatever the size of its gradient, so last-bit
            # differences of near-zero gradients (one process sums in another order than two) would become
            # lr-sized; eps 1e-3 keeps the update linear in such gradients.
-           "optim.eps": 1e-3,
-           # sample grids and evaluations with the weights spread over both processes
-           "train.sample_every": 2, "train.eval_every": 2, "train.eval_scorer": "brightness",
-           "train.eval_images_per_prompt": 1, "train.sample_steps": 2}
+           "optim.eps": 1e-3}
+# The two-process DPO runs also sample grids and evaluate, with the weights spread over both processes.
+DPO_SAMPLED = {"train.sample_every": 2, "train.eval_every": 2, "train.eval_scorer": "brightness",
+               "train.eval_images_per_prompt": 1, "train.sample_steps": 2}
 # D3PO: 4 steps per epoch, so a stop lands inside one; 2 denoising steps, one of them trained, keep the compiles
 # short (the update unrolls the trained steps). Data parallel over all 8 devices: the processes' collectives go
 # through gloo over TCP, where the per-layer weight gathers of fsdp would cost more than the rest of the run.
@@ -216,7 +216,7 @@ def preempted(workdir):
             whole = ({"dpo_whole": _launch(workdir, "dpo_whole", args, 8)} if objective == "dpo"
                      else _two(workdir, f"{objective}_whole", args))
             _finish(workdir, whole)
-            args = _args(workdir, objective, interrupted)
+            args = _args(workdir, objective, interrupted, **(DPO_SAMPLED if objective == "dpo" else {}))
             if objective == "dpo":  # the notice lands while the first agreement gathers the flags
                 procs = _two(workdir, "dpo_stopped", args, fault_in_1="sigterm-in-agreement:1")
                 stopped = _both_stopped_at_the_saved_step(workdir, interrupted, procs)
@@ -247,7 +247,8 @@ def _metrics(run_dir: Path, name: str) -> list[tuple[int, float]]:
 def test_two_processes_stopped_by_one_sigterm_and_resumed_train_like_one(workdir, preempted):
     """SIGTERM reaches process 1 of two: both save the same step and exit with 143, and the run resumed from
     there makes the steps of one process with 8 devices: losses and the exported final UNet agree to float
-    rounding."""
+    rounding. The two-process runs also show that one agreed decision governs the loop, the save and the
+    export, and that they sample and evaluate (``_assert_one_agreed_decision``)."""
     runs = preempted("dpo")
     single = runs.uninterrupted
     assert f"resumed from {runs.interrupted / 'checkpoints' / str(runs.stopped)}" in runs.resumed_logs[0]
@@ -269,6 +270,27 @@ def test_two_processes_stopped_by_one_sigterm_and_resumed_train_like_one(workdir
     assert any(not np.array_equal(want[key], load_file(workdir / "tiny-sdxl" / "unet" /
                                                        "diffusion_pytorch_model.safetensors")[key])
                for key in want)  # training moved the weights
+    _assert_one_agreed_decision(runs)
+
+
+def _assert_one_agreed_decision(runs: Preempted) -> None:
+    """One agreed decision governs the loop, the save and the export (the DPO runs' injected notices). A SIGTERM
+    handled by process 1 while the first agreement gathers the flags is not that agreement's: both processes
+    train step 2 and stop after it (exit 143, the same step). A SIGTERM to process 1 while the last step's
+    checkpoint is written comes after the last agreement: both processes finish the run as agreed, with its
+    evaluation, sample grid and export, and exit with 0 (``_finish``). The sample grids and evaluations ran with
+    the policy's weights spread over both processes."""
+    assert runs.stopped == 2
+    last = DPO_RUN["dpo.steps"]
+    assert f"SIGTERM arrived after the last step was agreed; the run completed at step {last}" in runs.resumed_logs[1]
+    multi = runs.interrupted
+    assert (multi / "final" / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in (multi / "samples").iterdir()) == [f"step_{s:06d}.png" for s in (0, 2, 4)]
+    evaluated = [(r["step"], r["eval_median"]) for r in map(json.loads, (multi / "metrics.jsonl").read_text()
+                                                              .splitlines()) if "eval_median" in r]
+    assert [step for step, _ in evaluated] == [2, 4]
+    best = max(evaluated, key=lambda e: (e[1], -e[0]))
+    assert json.loads((multi / "checkpoints" / "best.json").read_text()) == {"step": best[0], "score": best[1]}
 
 
 # ----------------------------------------------------------------- a preemption notice that reaches one host
@@ -294,23 +316,3 @@ def test_sigterm_to_one_process_stops_both_and_the_resumed_run_is_exact(preempte
     assert _records(runs.interrupted) == _records(runs.uninterrupted)
 
 
-
-@pytest.mark.slow
-def test_one_agreed_decision_governs_the_loop_the_save_and_the_export(workdir, preempted):
-    """A SIGTERM handled by process 1 while the first agreement gathers the flags is not that agreement's: both
-    processes train step 2 and stop after it (exit 143, the same step). A SIGTERM to process 1 while the last
-    step's checkpoint is written comes after the last agreement: both processes finish the run as agreed, with
-    its evaluation, sample grid and export, and exit with 0 (``_finish``). Sample grids and evaluations ran
-    with the policy's weights spread over both processes."""
-    runs = preempted("dpo")
-    assert runs.stopped == 2
-    last = DPO_RUN["dpo.steps"]
-    assert f"SIGTERM arrived after the last step was agreed; the run completed at step {last}" in runs.resumed_logs[1]
-    multi = runs.interrupted
-    assert (multi / "final" / "diffusion_pytorch_model.safetensors").is_file()
-    assert sorted(p.name for p in (multi / "samples").iterdir()) == [f"step_{s:06d}.png" for s in (0, 2, 4)]
-    evaluated = [(r["step"], r["eval_median"]) for r in map(json.loads, (multi / "metrics.jsonl").read_text()
-                                                              .splitlines()) if "eval_median" in r]
-    assert [step for step, _ in evaluated] == [2, 4]
-    best = max(evaluated, key=lambda e: (e[1], -e[0]))
-    assert json.loads((multi / "checkpoints" / "best.json").read_text()) == {"step": best[0], "score": best[1]}

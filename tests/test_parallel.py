@@ -169,3 +169,14 @@ def test_steps_take_gradients_per_device_only_on_a_replicated_cpu_mesh(tiny_sdxl
         assert float(metrics_b[name]) == pytest.approx(float(metrics_a[name]), rel=1e-5)
     for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", ["configs/tiny_sdxl_dpo.yaml", "configs/tiny_d3po_brightness.yaml"])
+def test_the_shipped_cpu_configs_take_the_per_device_gradients_as_given(tiny_sdxl, config):
+    """`dpojax train|bench` on a tiny config, as a user types it, gets the fast CPU path on a multi-device CPU:
+    their mesh is data parallel, so the weights are replicated."""
+    from dpojax.config import load_config
+    from dpojax.train.harness import Setup
+
+    setup = Setup.build(load_config(config, [f"model.pretrained={tiny_sdxl}"]), weights="none")
+    assert setup.batch_devices == len(jax.devices()) > 1 and setup.gradient_mesh is setup.mesh

@@ -245,25 +245,27 @@ def test_remat_lowers_the_temporaries_in_the_plan_command(capsys, tiny):
     assert full < 0.8 * block and block < 0.8 * none
 
 
-@pytest.mark.slow
-def test_the_plan_is_the_accelerators_program_on_any_mesh(tiny):
-    """Data parallel or FSDP, the plan compiles what a GPU runs (no CPU-only per-device gradients): the UNet
+def test_the_plan_is_the_accelerators_program_on_any_mesh(tiny, baseline):
+    """Data parallel or FSDP, the plan lowers what a GPU runs (no CPU-only per-device gradients): the UNet
     FLOPs per device (the step on cached latents and text embeddings runs the UNets alone) agree with each
     other and with the model count of ``dpojax.flops`` (8 forwards per pair), and the report prints them to
     three significant digits."""
     from dpojax.bench import unet_forwards_per_pair, unet_image_flops
+    from dpojax.plan import flops_per_device
     from dpojax.train.harness import Setup
 
     unets_only = {"data.cache_dir": tiny / "no-cache-needed"}  # the plan reads no data, only the batch's shapes
     config = load_config(CONFIG, _overrides(tiny, **unets_only))
     model = unet_forwards_per_pair(config) * 2 * unet_image_flops(Setup.build(config, weights="none"))
-    data, fsdp = (_plan(tiny, mesh=mesh, **unets_only) for mesh in ("data=2,fsdp=1", "data=1,fsdp=2"))
-    assert data.platform == fsdp.platform == "gpu"
-    assert data.flops_per_device == pytest.approx(fsdp.flops_per_device, rel=0.05)
-    assert data.flops_per_device == pytest.approx(model, rel=0.05)
-    printed = re.search(r"FLOPs per optimizer micro-step: (\S+) TFLOP per device", data.report()).group(1)
-    assert len(printed.lstrip("0.")) == 3 and float(printed) == pytest.approx(data.flops_per_device / 1e12,
-                                                                             rel=5e-3)
+    planned = []
+    for data, fsdp in ((2, 1), (1, 2)):
+        mesh = parallel.make_mesh(data=data, fsdp=fsdp, tensor=1, devices=jax.devices()[:2])
+        planned.append(flops_per_device(abstract_step(config, mesh, tiny)[1].lower(), 2))
+    assert planned[0] == pytest.approx(planned[1], rel=0.05)
+    assert planned[0] == pytest.approx(model, rel=0.05)
+    tiny_flops = dataclasses.replace(baseline, flops_per_device=planned[0])
+    printed = re.search(r"FLOPs per optimizer micro-step: (\S+) TFLOP per device", tiny_flops.report()).group(1)
+    assert len(printed.lstrip("0.")) == 3 and float(printed) == pytest.approx(planned[0] / 1e12, rel=5e-3)
 
 
 def test_the_planned_program_has_no_cpu_only_paths(tiny):
